@@ -1,0 +1,92 @@
+"""App factories: the public API and the admin API, each a FastAPI app over one shared runtime."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.errors import register_error_handlers
+from service.config import Settings
+from service.runtime.predictor import Runtime
+from service.runtime.telemetry import Telemetry
+
+DOCS_NOTE = """<!doctype html><title>onepass API</title>
+<h1>onepass API</h1>
+<p>The interactive Swagger UI needs assets from the internet, which production clusters often lack, so
+this server does not serve it. The machine-readable API description is at
+<a href="/openapi.json">/openapi.json</a>; load it into any OpenAPI viewer.</p>
+<p>Quick start: <code>curl -s localhost:8000/v1/predict -H 'content-type: application/json'
+-d '{"customer_ids": [1, 2, 3]}'</code></p>"""
+
+
+class MetricsMiddleware:
+    """Request count and latency by route template, method and status (pure ASGI: no per-request
+    task or body copy, unlike BaseHTTPMiddleware)."""
+
+    def __init__(self, app: ASGIApp, telemetry: Telemetry) -> None:
+        self.app = app
+        self.telemetry = telemetry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            labels = (path, scope["method"], str(status))
+            self.telemetry.http_latency.labels(*labels).observe(time.perf_counter() - start)
+            self.telemetry.http_requests.labels(*labels).inc()
+
+
+def _base_app(title: str, settings: Settings, runtime: Runtime, owns_runtime: bool) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if owns_runtime:
+            await runtime.start()
+        try:
+            yield
+        finally:
+            if owns_runtime:
+                await runtime.close()
+
+    app = FastAPI(title=title, version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.runtime = runtime
+    app.state.settings = settings
+    register_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, telemetry=runtime.telemetry)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return HTMLResponse(DOCS_NOTE)
+
+    return app
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
+    """The public API. Without ``runtime`` the app owns one: its lifespan starts and closes it.
+
+    Building the app does no I/O; the model loads in the lifespan, in the background.
+    """
+    from service.api import routes_health, routes_predict
+
+    app = _base_app("onepass", settings, runtime or Runtime(settings), owns_runtime=runtime is None)
+    app.include_router(routes_predict.router)
+    app.include_router(routes_health.router)
+    return app

@@ -1,0 +1,27 @@
+"""POST /v1/predict."""
+
+from __future__ import annotations
+
+import orjson
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from service.api.deps import RuntimeDep
+from service.api.schemas import ErrorBody, PredictRequest, PredictResponse
+
+router = APIRouter(tags=["predict"])
+
+
+@router.post(
+    "/v1/predict",
+    response_model=PredictResponse,
+    responses={404: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+)
+async def predict(body: PredictRequest, runtime: RuntimeDep) -> Response:
+    """Every head's output for each id: one encoder pass for the cache misses, one JSON response.
+
+    Unknown ids give 404 with the list of unknown ids in `details.unknown_ids`.
+    """
+    result = await runtime.predict(body.customer_ids)
+    # orjson directly: skips re-validating a response the runtime built (hot path).
+    return Response(orjson.dumps(result), media_type="application/json")

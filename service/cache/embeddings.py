@@ -1,0 +1,188 @@
+"""Embedding cache: an in-process LRU in front of Redis, behind a circuit breaker.
+
+Keys are namespaced by encoder hash and graph snapshot id (``onepass:emb:<encoder>:<snapshot>:<id>``),
+so a new encoder or a new graph never reads an old embedding, while a head swap keeps every entry
+valid. Values are raw little-endian float32 (or float16) bytes: no pickle, no JSON.
+
+Redis trouble never fails a request: calls have bounded timeouts and no retries, and after
+``failures`` consecutive errors the breaker opens and requests skip Redis (computing embeddings
+instead) until a half-open probe succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+
+class BreakerState(enum.IntEnum):
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+
+class CircuitBreaker:
+    """Consecutive-failure breaker. Single event loop, so no locking is needed."""
+
+    def __init__(self, failures: int, reset_s: float, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.failures = failures
+        self.reset_s = reset_s
+        self._monotonic = monotonic
+        self.state = BreakerState.CLOSED
+        self._errors = 0
+        self._opened_at = 0.0
+        self._probe_in_flight = False
+
+    def allow(self) -> bool:
+        """May a Redis call go out now? In half-open state only one probe at a time."""
+        if self.state is BreakerState.OPEN:
+            if self._monotonic() - self._opened_at < self.reset_s:
+                return False
+            self.state = BreakerState.HALF_OPEN
+        if self.state is BreakerState.HALF_OPEN:
+            if self._probe_in_flight:
+                return False
+            self._probe_in_flight = True
+        return True
+
+    def success(self) -> None:
+        self._errors = 0
+        self._probe_in_flight = False
+        self.state = BreakerState.CLOSED
+
+    def failure(self) -> None:
+        self._probe_in_flight = False
+        self._errors += 1
+        if self.state is BreakerState.HALF_OPEN or self._errors >= self.failures:
+            if self.state is not BreakerState.OPEN:
+                log.warning("redis circuit breaker open after %d errors", self._errors)
+            self.state = BreakerState.OPEN
+            self._opened_at = self._monotonic()
+
+
+class LocalLRU:
+    """Bounded id -> embedding map for one namespace (the hot set stays in process memory)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._data: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: int) -> np.ndarray | None:
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: int, value: np.ndarray) -> None:
+        if self.capacity <= 0:
+            return
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.capacity:
+            self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+
+class EmbeddingCache:
+    """Redis-backed embedding store for one (encoder hash, snapshot id) namespace."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis | None,
+        *,
+        namespace: str,
+        dim: int,
+        ttl_s: int,
+        dtype: str = "float32",
+        breaker: CircuitBreaker | None = None,
+        local_entries: int = 0,
+    ) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.dim = dim
+        self.ttl_s = ttl_s
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.breaker = breaker or CircuitBreaker(3, 2.0)
+        self.local = LocalLRU(local_entries)
+        self.errors = 0
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def key(self, customer_id: int) -> str:
+        return f"onepass:emb:{self.namespace}:{customer_id}"
+
+    @property
+    def degraded(self) -> bool:
+        return self.client is None or self.breaker.state is not BreakerState.CLOSED
+
+    def _decode(self, raw: bytes) -> np.ndarray | None:
+        if len(raw) != self.dim * self.dtype.itemsize:
+            return None  # written by another dtype or dimension: treat as a miss
+        return np.frombuffer(raw, dtype=self.dtype).astype(np.float32)
+
+    async def get_many(self, ids: Sequence[int]) -> list[np.ndarray | None]:
+        """Embeddings for ``ids`` (None = miss): local LRU first, then one Redis MGET for the rest."""
+        out: list[np.ndarray | None] = [self.local.get(i) for i in ids]
+        missing = [k for k, v in enumerate(out) if v is None]
+        if not missing or self.client is None or not self.breaker.allow():
+            return out
+        try:
+            raws = await self.client.mget([self.key(ids[k]) for k in missing])
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            self.errors += 1
+            self.breaker.failure()
+            log.debug("redis mget failed: %s", e)
+            return out
+        self.breaker.success()
+        for k, raw in zip(missing, raws, strict=True):
+            if isinstance(raw, bytes):
+                emb = self._decode(raw)
+                if emb is not None:
+                    out[k] = emb
+                    self.local.put(ids[k], emb)
+        return out
+
+    def remember(self, ids: Sequence[int], embs: np.ndarray) -> None:
+        """Keep fresh embeddings locally and write them to Redis in the background (pipeline + TTL)."""
+        for i, e in zip(ids, embs, strict=True):
+            self.local.put(i, e)
+        if self.client is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._write(list(ids), embs))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _write(self, ids: list[int], embs: np.ndarray) -> None:
+        if self.client is None or not self.breaker.allow():
+            return
+        data = np.ascontiguousarray(embs, dtype=self.dtype)
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for i, row in zip(ids, data, strict=True):
+                    pipe.set(self.key(i), row.tobytes(), ex=self.ttl_s)
+                await pipe.execute()
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            self.errors += 1
+            self.breaker.failure()
+            log.debug("redis write failed: %s", e)
+            return
+        self.breaker.success()
+
+    async def drain(self) -> None:
+        """Wait for background writes (tests, shutdown)."""
+        if self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)

@@ -1,0 +1,98 @@
+"""`onepass serve`: the public listener and, when an admin token is configured, the admin listener,
+two uvicorn servers in one process and one event loop, sharing one runtime (one model, one cache).
+
+The two ports let a Kubernetes Service expose the public API without the admin API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import uvicorn
+
+from service.api.app import create_app
+from service.cache.local_redis import LocalRedis
+from service.config import Settings
+from service.runtime.predictor import Runtime
+
+log = logging.getLogger("onepass")
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server whose exit signal stops its siblings too."""
+
+    siblings: list[uvicorn.Server]
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        for s in self.siblings:
+            uvicorn.Server.handle_exit(s, sig, frame)
+
+
+def _config(app: Any, settings: Settings, port: int) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_level=settings.log_level,
+        access_log=False,  # per-request logs cost more than the cache-hit path; metrics carry the counts
+        timeout_graceful_shutdown=settings.graceful_shutdown_s,
+    )
+
+
+async def serve_async(settings: Settings) -> None:
+    runtime = Runtime(settings)
+    apps: list[tuple[Any, int]] = [(create_app(settings, runtime), settings.port)]
+    token = settings.resolved_admin_token()
+    if token is not None:
+        from service.api.admin import create_admin_app
+
+        apps.append((create_admin_app(settings, runtime, token), settings.admin_port))
+    else:
+        log.info("admin API disabled: no ONEPASS_ADMIN_TOKEN / ONEPASS_ADMIN_TOKEN_FILE configured")
+    servers = [_Server(_config(app, settings, port)) for app, port in apps]
+    for s in servers:
+        s.siblings = list(servers)
+    await runtime.start()
+
+    async def announce() -> None:
+        try:
+            await runtime.wait_ready()
+        except Exception:  # noqa: BLE001 - the reason is on /readyz and in the log already
+            return
+        host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
+        print(  # noqa: T201 - the run command's user-facing hint
+            f"\nonepass ready in {runtime.startup_s:.1f} s. Try:\n"
+            f"  curl -s {host}:{settings.port}/v1/predict -H 'content-type: application/json' "
+            f"-d '{{\"customer_ids\": [1, 2, 3]}}'\n"
+            f"  onepass predict --ids 1,2,3 --url http://{host}:{settings.port}\n",
+            flush=True,
+        )
+
+    announcer = asyncio.create_task(announce())
+    try:
+        await asyncio.gather(*(s.serve() for s in servers))
+    finally:
+        announcer.cancel()
+        await runtime.close()
+
+
+def serve(settings: Settings) -> None:
+    """Run until SIGINT/SIGTERM; start (and stop) a local Redis when no Redis URL is configured."""
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    local: LocalRedis | None = None
+    if settings.redis_url is None:
+        local = LocalRedis()
+        log.info("started a local redis-server on %s (set ONEPASS_REDIS_URL to use your own)", local.url)
+        settings = settings.model_copy(update={"redis_url": local.url})
+    try:
+        import uvloop
+
+        uvloop.run(serve_async(settings))
+    finally:
+        if local is not None:
+            local.stop()
