@@ -86,15 +86,15 @@ def _train(
     *, data: str, customers: int, data_seed: int, out: Path, name: str, tasks: str, loss: str, conv: str,
     layers: int, hidden: int, epochs: int, seed: int, device: str, quiet: bool,
 ) -> str:  # fmt: skip
-    from service.data.sources import load_source, source_for
+    from service.data.sources import source_for
     from service.model.encoder import EncoderConfig
-    from service.store.store import ModelStore
-    from service.training.trainer import TrainConfig, train
+    from service.training.pipeline import train_and_save
+    from service.training.trainer import TrainConfig
 
     source = source_for(data, customers=customers, seed=data_seed)
-    db = load_source(source)
-    fanouts = (20, 10, 5)[:layers] if layers <= 3 else tuple([10] * layers)
-    id_types = ("products",) if "products" in db.tables else ()
+    fanouts = (20, 10, 5, 5)[:layers]
+    # Products get a learned id embedding: which products a customer buys is the signal.
+    id_types = ("products",) if source["kind"] != "cdnow" else ()
     cfg = TrainConfig(
         tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()),
         loss=loss,
@@ -118,26 +118,7 @@ def _train(
                 console.print(f"epoch {rec['epoch']:>3}  loss {rec['train_loss']:.4f}  {_fmt_metrics(rec['val'])}  "
                               f"score {rec['val_score']:.4f}")  # fmt: skip
 
-        result = train(db, cfg, on_epoch=on_epoch, on_batch=on_batch)
-    store = ModelStore(out)
-    version = store.save(
-        name,
-        result.model.encoder,
-        dict(result.model.heads.items()),  # type: ignore[arg-type]
-        num_rows={t: n.num_nodes for t, n in result.graph.nodes.items()},
-        data={
-            "source": source,
-            "snapshot_id": db.snapshot_id(),
-            "window_days": cfg.window_days,
-            "cutoffs": result.splits,
-        },  # fmt: skip
-        training={
-            **cfg.to_json(),
-            "best_epoch": result.best_epoch,
-            "balancer_weights": result.balancer_weights,
-        },
-        metrics={"val": result.val_metrics, "test": result.test_metrics},
-    )
+        version, result = train_and_save(source, cfg, out, name, on_epoch=on_epoch, on_batch=on_batch)
     console.print(f"saved [bold]{name}/{version}[/bold] to {out}  test: {_fmt_metrics(result.test_metrics)}")
     return version
 
@@ -168,8 +149,10 @@ def train_cmd(
 ) -> None:
     """Train a multi-task (or, with one task, single-task) GNN and save it as a new model version."""
     try:
-        _train(data=data, customers=customers, data_seed=data_seed, out=out, name=name, tasks=tasks, loss=loss,
-               conv=conv, layers=layers, hidden=hidden, epochs=epochs, seed=seed, device=device, quiet=False)  # fmt: skip
+        _train(
+            data=data, customers=customers, data_seed=data_seed, out=out, name=name, tasks=tasks, loss=loss,
+            conv=conv, layers=layers, hidden=hidden, epochs=epochs, seed=seed, device=device, quiet=False,
+        )  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         raise _fail(str(e)) from e
 
@@ -230,6 +213,36 @@ def predict(
     except OnepassClientError as e:
         raise _fail(str(e)) from e
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
+
+
+@app.command("train-head")
+def train_head_cmd(
+    model: Annotated[str, typer.Option(help="NAME[/VERSION] whose frozen encoder the head is trained on")],
+    task: Annotated[str, typer.Option(help="name of the (new or existing) task")],
+    labels: Annotated[Path | None, typer.Option(help="CSV or Parquet file of customer_id,label")] = None,
+    demo_task: Annotated[str | None, typer.Option(help="built-in label instead of --labels (see docs)")] = None,
+    kind: Annotated[str | None, typer.Option(help="binary | regression | multiclass (default: inferred)")] = None,
+    store: Annotated[Path, typer.Option(help="model store folder")] = Path("model_store"),
+    data_dir: Annotated[Path | None, typer.Option(help="database folder (default: the model's own source)")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train a head on the frozen encoder's embeddings and store it as a new head version.
+
+    Swap it in with the admin API (PUT /admin/v1/heads/<task> or POST /admin/v1/heads).
+    """
+    from service.errors import OnepassError
+    from service.training.head_trainer import train_new_head
+
+    name, _, version = model.partition("/")
+    try:
+        hv, metrics = train_new_head(
+            store, name, version or None, task, labels=labels, demo_task=demo_task, kind=kind,
+            epochs=epochs, seed=seed, data_dir=data_dir,
+        )  # fmt: skip
+    except (OnepassError, ValueError, FileNotFoundError) as e:
+        raise _fail(str(e)) from e
+    console.print(f"saved head [bold]{task}/{hv}[/bold] for {model}: {metrics}")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from typing import Any
 
 import uvicorn
@@ -25,9 +26,16 @@ class _Server(uvicorn.Server):
 
     siblings: list[uvicorn.Server]
 
-    def handle_exit(self, sig: int, frame: Any) -> None:
+    def handle_exit(self, sig: int, frame: Any) -> None:  # noqa: ARG002 - uvicorn's signal handler signature
+        # Not uvicorn.Server.handle_exit: since uvicorn 0.29 it records the signal and re-raises it once
+        # serve() returns, and the default SIGTERM action then kills the process before runtime.close()
+        # and before the local redis-server is stopped (an orphaned redis-server, exit code 143).
+        # Shutting down without recording the signal lets `onepass serve` clean up and exit 0.
         for s in self.siblings:
-            uvicorn.Server.handle_exit(s, sig, frame)
+            if s.should_exit and sig == signal.SIGINT:
+                s.force_exit = True  # a second Ctrl-C skips the graceful wait, as in uvicorn
+            else:
+                s.should_exit = True
 
 
 def _config(app: Any, settings: Settings, port: int) -> uvicorn.Config:

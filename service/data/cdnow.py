@@ -80,9 +80,7 @@ def cdnow_file() -> Path:
     for place in places:
         if place.is_file():
             return place
-    raise DataError(
-        f"{CDNOW_FILE}: not found in the lifetimes package (looked at {places[0]})", file=CDNOW_FILE
-    )
+    raise DataError(f"{CDNOW_FILE}: not found in the lifetimes package (looked at {places[0]})", file=CDNOW_FILE)
 
 
 def load_cdnow(path: Path | None = None) -> Database:
@@ -138,6 +136,4 @@ def load_cdnow(path: Path | None = None) -> Database:
         {"customers": customers, "transactions": transactions},
         sources={"customers": f"{source} (customers)", "transactions": source},
     )
-    return Database(
-        name="cdnow", schemas=dict(CDNOW_SCHEMA), tables=tables, segments=None, segment_rule="rfm"
-    )
+    return Database(name="cdnow", schemas=dict(CDNOW_SCHEMA), tables=tables, segments=None, segment_rule="rfm")

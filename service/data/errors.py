@@ -12,7 +12,7 @@ MAX_KEPT_ROWS = 1000
 
 
 class DataError(ValueError):
-    """A table file, column or row breaks the schema contract (maps to HTTP 422 / CLI exit 2).
+    """A table file, column or row breaks the schema contract: a problem with the input data, not a bug.
 
     The message names the file, the column and the 1-based data row(s), e.g.
     ``transactions.csv: column 'amount', row 17: expected a number, got 'abc'``. Row 1 is the first

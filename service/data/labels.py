@@ -131,9 +131,7 @@ def make_labels(db: Database, cutoff: pd.Timestamp, window: pd.Timedelta = DEFAU
     known = row >= 0
     row = row[known]
     purchases = np.bincount(row, minlength=len(ids))
-    spend = np.bincount(row, weights=tx["amount"].to_numpy()[in_window][known], minlength=len(ids)).astype(
-        np.float64
-    )
+    spend = np.bincount(row, weights=tx["amount"].to_numpy()[in_window][known], minlength=len(ids)).astype(np.float64)
 
     if db.segment_rule == "rfm":
         segment = _rfm_segments(purchases, spend)
@@ -230,9 +228,7 @@ def database_at(db: Database, cutoff: pd.Timestamp) -> Database:
     )
 
 
-def _rfm_segments(
-    purchases: npt.NDArray[np.int64], spend: npt.NDArray[np.float64]
-) -> npt.NDArray[np.object_]:
+def _rfm_segments(purchases: npt.NDArray[np.int64], spend: npt.NDArray[np.float64]) -> npt.NDArray[np.object_]:
     bounds = np.array([low for _, low in RFM_TIERS])
     # side="right": a spend equal to a bound belongs to the tier that bound opens.
     tier = np.searchsorted(bounds, spend, side="right") - 1

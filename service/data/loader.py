@@ -309,9 +309,7 @@ def schemas_from_json(data: Any, source: str = METADATA_FILE) -> dict[str, Table
             )
             schemas[str(t["name"])] = TableSchema(str(t["name"]), columns, str(t.get("description", "")))
     except (TypeError, KeyError, ValueError, AttributeError) as e:
-        raise DataError(
-            f"{source}: 'schema' is not a list of tables with columns ({e!r})", file=source
-        ) from e
+        raise DataError(f"{source}: 'schema' is not a list of tables with columns ({e!r})", file=source) from e
     return schemas
 
 
@@ -378,9 +376,7 @@ def _find_table_file(folder: Path, table: str, *, required: bool) -> Path | None
         )
     if not found:
         if required:
-            raise DataError(
-                f"{table}.csv (or {table}.parquet): not found in folder {folder}", file=f"{table}.csv"
-            )
+            raise DataError(f"{table}.csv (or {table}.parquet): not found in folder {folder}", file=f"{table}.csv")
         return None
     return found[0]
 
@@ -495,14 +491,10 @@ def _to_datetime_ns(s: pd.Series, source: str, name: str) -> pd.Series:
         t = s
     elif pd.api.types.is_numeric_dtype(s.dtype):
         # A number has no unit we could trust (epoch seconds? 19970101?); refuse rather than guess.
-        raise _error(
-            np.ones(len(s), dtype=bool), s, source, name, lambda v: f"expected an ISO 8601 date/time, got {v}"
-        )
+        raise _error(np.ones(len(s), dtype=bool), s, source, name, lambda v: f"expected an ISO 8601 date/time, got {v}")
     else:
         t = pd.to_datetime(s, format="ISO8601", utc=True, errors="coerce")
-        _fail_where(
-            t.isna().to_numpy(), s, source, name, lambda v: f"expected an ISO 8601 date/time, got {v}"
-        )
+        _fail_where(t.isna().to_numpy(), s, source, name, lambda v: f"expected an ISO 8601 date/time, got {v}")
         t = t.dt.tz_localize(None)
     out = ((t < _TIME_MIN) | (t > _TIME_MAX)).to_numpy()
     _fail_where(out, s, source, name, lambda v: f"time outside 1677-09-22..2262-04-10, got {v}")
@@ -518,9 +510,7 @@ def _check_unique(s: pd.Series, source: str, name: str, *, what: str) -> None:
     first_row = int(np.flatnonzero(values == first)[0]) + 1
     if dup.sum() == 1:
         raise _error(dup, s, source, name, lambda v: f"duplicate {what} {v} (already at row {first_row})")
-    raise _error(
-        dup, s, source, name, lambda v: f"duplicate {what}s {v} ({first} already at row {first_row})"
-    )
+    raise _error(dup, s, source, name, lambda v: f"duplicate {what}s {v} ({first} already at row {first_row})")
 
 
 def _check_reference(
@@ -534,8 +524,7 @@ def _check_reference(
     source = names[table]
     if ref is None or ref not in schemas or schemas[ref].primary_key is None:
         raise DataError(
-            f"{source}: column '{col.name}' references '{ref}', which is not a table with a "
-            "primary key in the schema",
+            f"{source}: column '{col.name}' references '{ref}', which is not a table with a primary key in the schema",
             file=source,
             column=col.name,
         )
@@ -566,24 +555,18 @@ def _check_reference(
         raise _error(early, child[child_time], source, child_time, lambda _v: detail)
 
 
-def _fail_where(
-    mask: BoolArray, values: pd.Series, source: str, column: str, problem: Callable[[str], str]
-) -> None:
+def _fail_where(mask: BoolArray, values: pd.Series, source: str, column: str, problem: Callable[[str], str]) -> None:
     """Raises :func:`_error` if any row is flagged in ``mask``."""
     if mask.any():
         raise _error(mask, values, source, column, problem)
 
 
-def _error(
-    mask: BoolArray, values: pd.Series, source: str, column: str, problem: Callable[[str], str]
-) -> DataError:
+def _error(mask: BoolArray, values: pd.Series, source: str, column: str, problem: Callable[[str], str]) -> DataError:
     """The DataError for the rows flagged in ``mask``; ``problem`` words it from the listed values."""
     rows = np.flatnonzero(mask)
     shown = values.iloc[rows[:MAX_LISTED_ROWS]].tolist()
     text = ", ".join(_show(v) for v in shown)
-    return DataError.at(
-        source, column, (rows[:MAX_KEPT_ROWS] + 1).tolist(), problem(text), num_rows=len(rows)
-    )
+    return DataError.at(source, column, (rows[:MAX_KEPT_ROWS] + 1).tolist(), problem(text), num_rows=len(rows))
 
 
 def _show(value: object) -> str:

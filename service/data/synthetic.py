@@ -83,7 +83,7 @@ CATEGORIES = (
     "clothing", "shoes", "beauty", "books", "toys", "sports",
 )  # fmt: skip
 #: Median list price per category, dollars.
-CATEGORY_PRICE = (150.0, 400.0, 300.0, 40.0, 30.0, 35.0, 35.0, 60.0, 20.0, 15.0, 25.0, 45.0)
+CATEGORY_PRICE = (100.0, 250.0, 200.0, 40.0, 30.0, 35.0, 35.0, 60.0, 20.0, 15.0, 25.0, 45.0)
 REGIONS = ("north", "south", "east", "west", "central", "overseas")
 CHANNELS = ("organic", "search_ads", "social", "referral")
 BRANDS_PER_CATEGORY = 8
@@ -95,7 +95,7 @@ PERSONA_TRAITS: tuple[Persona, ...] = (
         channel="search_ads",
     ),
     Persona(
-        "tech_enthusiast", share=0.15, rate=0.030, lifetime_days=700.0, loyalty=0.75, price_factor=1.80,
+        "tech_enthusiast", share=0.15, rate=0.030, lifetime_days=700.0, loyalty=0.75, price_factor=1.40,
         extra_units=0.08, paid_fraction=1.00, focus=("electronics", "computers", "phones"), age_mean=35.0,
         channel="search_ads",
     ),
@@ -126,7 +126,7 @@ _PRICE_SIGMA = 0.4
 _LIFETIME_ACTIVITY_EXPONENT = 0.7
 # Weight of a cluster's focus categories in its category mix; the rest is spread over all categories,
 # so a cluster is never one category.
-_FOCUS_WEIGHT = 0.6
+_FOCUS_WEIGHT = 0.45
 # How far the channel leans to the persona's channel (0: independent of persona).
 _CHANNEL_LEAN = 0.15
 _AGE_SD = 13.0  # years
@@ -282,9 +282,7 @@ def _products(rng: np.random.Generator, n: int) -> tuple[pd.DataFrame, IntArray]
     return df, cluster
 
 
-def _customers(
-    rng: np.random.Generator, n: int, start_s: int, days: int
-) -> tuple[pd.DataFrame, _CustomerTraits]:
+def _customers(rng: np.random.Generator, n: int, start_s: int, days: int) -> tuple[pd.DataFrame, _CustomerTraits]:
     traits = PERSONA_TRAITS
     persona = rng.choice(len(traits), size=n, p=np.array([p.share for p in traits])).astype(np.int64)
     # Mean-one lognormal multipliers, so the persona means stay the population means.

@@ -228,8 +228,10 @@ def build_graph(db: Database, spec: GraphSpec | None = None) -> TemporalGraph:
         ids = df[fspec.primary_key].to_numpy(dtype=np.int64) if fspec.primary_key else None
         nodes[name] = NodeStore(
             num_nodes=n,
-            numeric=torch.from_numpy(np.ascontiguousarray(numeric)),
-            categorical=torch.from_numpy(np.ascontiguousarray(cats)),
+            numeric=torch.from_numpy(
+                np.array(numeric, dtype=np.float32)
+            ),  # own copy: pandas may hand out read-only views
+            categorical=torch.from_numpy(np.array(cats, dtype=np.int64)),
             time=torch.from_numpy(times.astype(np.int64)),
             ids=torch.from_numpy(ids) if ids is not None else None,
         )

@@ -235,16 +235,22 @@ class GraphEncoder(nn.Module):
         when the encoder has no message-passing layer, i.e. the MLP baseline)."""
         return self.layers[-1] if len(self.layers) else self.inputs[self.spec.seed_type]
 
-    def forward(self, feats: FeatureBatch, sub: SampledSubgraph) -> Tensor:
+    def forward(self, feats: FeatureBatch, sub: SampledSubgraph, *, trim: bool = True) -> Tensor:
+        """Seed embeddings. ``trim=False`` computes every layer for every sampled node (the reference
+        the trimmed pass must equal; only useful in tests)."""
         L = self.cfg.layers
         x = {
             t: enc(feats.numeric[t], feats.categorical[t], feats.age_days[t], feats.rows[t])
             for t, enc in self.inputs.items()
         }
         for layer_idx, layer in enumerate(self.layers):
-            keep_hops = L - layer_idx  # inputs within this many hops; outputs within one fewer
-            n_out = {t: sum(n[:keep_hops]) for t, n in sub.num_sampled_nodes.items()}
-            ei = {et: e[:, : sum(sub.num_sampled_edges[et][:keep_hops])] for et, e in sub.edge_index.items()}
+            if trim:
+                keep_hops = L - layer_idx  # outputs needed within keep_hops - 1 hops of the seeds
+                n_out = {t: sum(n[:keep_hops]) for t, n in sub.num_sampled_nodes.items()}
+                ei = {et: e[:, : sum(sub.num_sampled_edges[et][:keep_hops])] for et, e in sub.edge_index.items()}
+            else:
+                n_out = {t: sum(n) for t, n in sub.num_sampled_nodes.items()}
+                ei = sub.edge_index
             x = layer(x, ei, n_out)
         out: Tensor = x[sub.seed_type][: sub.num_seeds]
         return out

@@ -53,7 +53,7 @@ def database(
     cust = pd.DataFrame(
         {
             "customer_id": pd.array([c for c, _ in customers], dtype="int64"),
-            "signup_time": pd.to_datetime([s for _, s in customers]).astype("datetime64[ns]"),
+            "signup_time": pd.to_datetime([s for _, s in customers], format="ISO8601").astype("datetime64[ns]"),
             "age": 30.0,
             "region": pd.array(["north"] * len(customers), dtype="str"),
             "channel": pd.array(["web"] * len(customers), dtype="str"),
@@ -62,7 +62,7 @@ def database(
     tx = pd.DataFrame(
         {
             "customer_id": pd.array([c for c, _, _ in transactions], dtype="int64"),
-            "timestamp": pd.to_datetime([t for _, t, _ in transactions]).astype("datetime64[ns]"),
+            "timestamp": pd.to_datetime([t for _, t, _ in transactions], format="ISO8601").astype("datetime64[ns]"),
             "quantity": 1.0,
             "amount": pd.array([a for _, _, a in transactions], dtype="float64"),
         }

@@ -114,9 +114,7 @@ def _apply_patch(docs: list[Manifest], patch: dict[str, Any], where: Path) -> No
     target = patch["target"]
     # kustomize reads target names as anchored regular expressions.
     matched = [
-        d
-        for d in docs
-        if d["kind"] == target["kind"] and re.fullmatch(target.get("name", ".*"), d["metadata"]["name"])
+        d for d in docs if d["kind"] == target["kind"] and re.fullmatch(target.get("name", ".*"), d["metadata"]["name"])
     ]
     if not matched:
         raise ValueError(f"{where}: patch target {target} matches nothing")
@@ -279,9 +277,4 @@ def dockerfile_env(instructions: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 def dockerfile_args(instructions: Iterable[tuple[str, str]]) -> dict[str, str]:
     """The ``ARG name=default`` pairs of some instructions."""
-    return {
-        key: value
-        for instr, args in instructions
-        if instr == "ARG"
-        for key, _, value in [args.partition("=")]
-    }
+    return {key: value for instr, args in instructions if instr == "ARG" for key, _, value in [args.partition("=")]}

@@ -320,10 +320,9 @@ def test_public_service_excludes_admin_port(docs: list[Manifest]) -> None:
             assert port["port"] != ADMIN_PORT and port["targetPort"] not in ("admin", ADMIN_PORT)
 
 
-def test_admin_service_is_headless_cluster_internal(docs: list[Manifest]) -> None:
+def test_admin_service_is_cluster_internal(docs: list[Manifest]) -> None:
     svc = find(docs, "Service", "onepass-admin")
-    assert svc["spec"]["clusterIP"] == "None"
-    assert svc["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert svc["spec"]["type"] == "ClusterIP"
     assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(ADMIN_PORT, "admin")]
 
 
@@ -425,9 +424,10 @@ def test_selectors_match_pod_labels(docs: list[Manifest]) -> None:
         assert find(docs, kind, name)["spec"]["selector"].items() <= labels.items()
     assert find(docs, "PodDisruptionBudget", "onepass")["spec"]["selector"]["matchLabels"].items() <= labels.items()
     redis = find(docs, "Deployment", "onepass-redis")
-    assert find(docs, "Service", "onepass-redis")["spec"]["selector"].items() <= redis["spec"]["template"][
-        "metadata"
-    ]["labels"].items()
+    assert (
+        find(docs, "Service", "onepass-redis")["spec"]["selector"].items()
+        <= redis["spec"]["template"]["metadata"]["labels"].items()
+    )
 
 
 def test_hpa_owns_replicas(docs: list[Manifest], overlay: str) -> None:
