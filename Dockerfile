@@ -24,7 +24,8 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-COPY docker/install.sh /usr/local/bin/onepass-install
+# --chmod: the script runs even from a checkout that lost its executable bit.
+COPY --chmod=0755 docker/install.sh /usr/local/bin/onepass-install
 
 # torch first, in its own layer: it is the largest download and changes far less often than the code.
 RUN onepass-install torch /opt/venv

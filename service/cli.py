@@ -215,6 +215,38 @@ def predict(
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
 
 
+@app.command()
+def evaluate(
+    datasets: Annotated[str, typer.Option(help="comma-separated: synthetic,cdnow")] = "synthetic,cdnow",
+    customers: Annotated[int, typer.Option(help="synthetic database size")] = 5000,
+    seeds: Annotated[str, typer.Option(help="comma-separated training seeds")] = "0,1,2",
+    methods: Annotated[str, typer.Option(help="loss balancers to compare")] = "fixed,equal,uncertainty,gradnorm",
+    epochs: Annotated[int, typer.Option(min=1)] = 15,
+    hidden: Annotated[int, typer.Option(min=4)] = 32,
+    out: Annotated[Path, typer.Option(help="folder for evaluation.md / evaluation.json")] = Path("docs"),
+    device: Annotated[str, typer.Option(help="auto | cuda | cpu")] = "auto",
+) -> None:
+    """Multi-task vs single-task, every loss balancer and an MLP baseline, mean ± std over seeds."""
+    from service.training.evaluate import default_base
+    from service.training.evaluate import evaluate as run_evaluation
+
+    sources: dict[str, dict[str, Any]] = {
+        "synthetic": {"kind": "synthetic", "customers": customers, "seed": 0, "segment_fraction": 0.2},
+        "cdnow": {"kind": "cdnow"},
+    }
+    chosen = [d.strip() for d in datasets.split(",") if d.strip()]
+    unknown = [d for d in chosen if d not in sources]
+    if unknown:
+        raise _fail(f"--datasets: unknown {unknown}; choose from {list(sources)}")
+    command = "onepass evaluate " + " ".join(sys.argv[2:])
+    run_evaluation(
+        {d: sources[d] for d in chosen}, default_base(epochs, hidden, device),
+        [int(x) for x in seeds.split(",")], [m.strip() for m in methods.split(",")], out, command.strip(),
+        lambda msg: console.print(msg),
+    )  # fmt: skip
+    console.print(f"wrote {out / 'evaluation.md'} and {out / 'evaluation.json'}")
+
+
 @app.command("train-head")
 def train_head_cmd(
     model: Annotated[str, typer.Option(help="NAME[/VERSION] whose frozen encoder the head is trained on")],

@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     model_version: str | None = Field(None, description="version folder; default: the store's pointer")
     data_dir: Path | None = Field(None, description="database folder; default: the model's demo database")
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    torch_threads: int = Field(
+        1,
+        ge=0,
+        description="intra-op CPU threads for torch (0 = torch's default). Serving batches are small: "
+        "OpenMP fan-out costs more than it gains and fights the event loop for cores (see docs/serving.md)",
+    )
 
     # Cache
     redis_url: str | None = Field(None, description="None: `onepass serve` starts a local redis-server")

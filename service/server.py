@@ -94,9 +94,14 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     local: LocalRedis | None = None
     if settings.redis_url is None:
-        local = LocalRedis()
-        log.info("started a local redis-server on %s (set ONEPASS_REDIS_URL to use your own)", local.url)
-        settings = settings.model_copy(update={"redis_url": local.url})
+        try:
+            local = LocalRedis()
+        except RuntimeError as e:
+            # No redis-server binary (e.g. the slim image): serve without the shared cache, degraded.
+            log.warning("no Redis: %s; serving without the embedding cache (readiness reports degraded)", e)
+        else:
+            log.info("started a local redis-server on %s (set ONEPASS_REDIS_URL to use your own)", local.url)
+            settings = settings.model_copy(update={"redis_url": local.url})
     try:
         import uvloop
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
@@ -31,6 +32,7 @@ class MetricsMiddleware:
     def __init__(self, app: ASGIApp, telemetry: Telemetry) -> None:
         self.app = app
         self.telemetry = telemetry
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # labelled metrics, bound once
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -49,10 +51,16 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            labels = (path, scope["method"], str(status))
-            self.telemetry.http_latency.labels(*labels).observe(time.perf_counter() - start)
-            self.telemetry.http_requests.labels(*labels).inc()
+            key = (getattr(route, "path", None) or "unmatched", scope["method"], status)
+            children = self._children.get(key)
+            if children is None:
+                labels = (key[0], key[1], str(status))
+                children = self._children[key] = (
+                    self.telemetry.http_latency.labels(*labels),
+                    self.telemetry.http_requests.labels(*labels),
+                )
+            children[0].observe(time.perf_counter() - start)
+            children[1].inc()
 
 
 def _base_app(title: str, settings: Settings, runtime: Runtime, owns_runtime: bool) -> FastAPI:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -29,9 +30,16 @@ def _field(loc: tuple[object, ...]) -> str:
     return out or "body"
 
 
+def _error(e: Any) -> dict[str, str]:
+    if e.get("type") == "json_invalid":
+        # loc is ("body", <character offset>): the offset is not a list index, so say what it is.
+        return {"field": "body", "message": f"{e['msg']} at character {e['loc'][-1]}"}
+    return {"field": _field(tuple(e["loc"])), "message": e["msg"]}
+
+
 async def _validation(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    errors = [{"field": _field(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
+    errors = [_error(e) for e in exc.errors()]
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
     return error_response(422, "invalid_input", summary, errors)
 

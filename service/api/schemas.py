@@ -6,7 +6,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-CustomerId = Annotated[int, Field(ge=0, le=2**63 - 1)]
+# strict: a JSON integer only. Lax mode would answer `true` as customer 1 and "5" or 5.0 as customer 5.
+CustomerId = Annotated[int, Field(ge=0, le=2**63 - 1, strict=True)]
 
 
 class PredictRequest(BaseModel):

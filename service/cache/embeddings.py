@@ -17,12 +17,15 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 class BreakerState(enum.IntEnum):
@@ -60,6 +63,11 @@ class CircuitBreaker:
         self._probe_in_flight = False
         self.state = BreakerState.CLOSED
 
+    def abandon(self) -> None:
+        """The call :meth:`allow` let out ended without an answer (cancelled): free the half-open probe
+        slot, or the breaker would refuse every later call and stay half-open for good."""
+        self._probe_in_flight = False
+
     def failure(self) -> None:
         self._probe_in_flight = False
         self._errors += 1
@@ -70,23 +78,23 @@ class CircuitBreaker:
             self._opened_at = self._monotonic()
 
 
-class LocalLRU:
-    """Bounded id -> embedding map for one namespace (the hot set stays in process memory)."""
+class LocalLRU(Generic[K, V]):
+    """Bounded in-process map (the hot set stays in process memory); least recently used goes first."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._data: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._data: OrderedDict[K, V] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._data)
 
-    def get(self, key: int) -> np.ndarray | None:
+    def get(self, key: K) -> V | None:
         value = self._data.get(key)
         if value is not None:
             self._data.move_to_end(key)
         return value
 
-    def put(self, key: int, value: np.ndarray) -> None:
+    def put(self, key: K, value: V) -> None:
         if self.capacity <= 0:
             return
         self._data[key] = value
@@ -118,7 +126,7 @@ class EmbeddingCache:
         self.ttl_s = ttl_s
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.breaker = breaker or CircuitBreaker(3, 2.0)
-        self.local = LocalLRU(local_entries)
+        self.local: LocalLRU[int, np.ndarray] = LocalLRU(local_entries)
         self.errors = 0
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -142,6 +150,9 @@ class EmbeddingCache:
             return out
         try:
             raws = await self.client.mget([self.key(ids[k]) for k in missing])
+        except asyncio.CancelledError:
+            self.breaker.abandon()
+            raise
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             self.errors += 1
             self.breaker.failure()
@@ -175,6 +186,9 @@ class EmbeddingCache:
                 for i, row in zip(ids, data, strict=True):
                     pipe.set(self.key(i), row.tobytes(), ex=self.ttl_s)
                 await pipe.execute()
+        except asyncio.CancelledError:
+            self.breaker.abandon()
+            raise
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             self.errors += 1
             self.breaker.failure()

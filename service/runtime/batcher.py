@@ -83,7 +83,9 @@ class DynamicBatcher:
         if new:
             self._queue.append(_Submission(np.asarray(new, dtype=np.int64)))
             self._wakeup.set()
-        results = await asyncio.gather(*futures)
+        # shield: the futures are shared with concurrent callers (single-flight); without it, one cancelled
+        # request (client gone, timeout) would cancel the shared futures and fail every other waiter.
+        results = await asyncio.gather(*(asyncio.shield(f) for f in futures))
         return np.stack(results) if results else np.zeros((0, 0), dtype=np.float32)
 
     def _take(self) -> list[_Submission]:

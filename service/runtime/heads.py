@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from service.cache.embeddings import LocalLRU
 from service.model.heads import HeadSpec, TaskHead, postprocess
 from service.store.store import HeadRecord
 
@@ -75,9 +76,12 @@ class FusedHeads(nn.Module):
 class HeadSet:
     """An immutable set of active heads plus their fused executor."""
 
-    def __init__(self, heads: dict[str, ActiveHead], device: torch.device) -> None:
+    def __init__(self, heads: dict[str, ActiveHead], device: torch.device, fragment_entries: int = 0) -> None:
         self.heads = dict(heads)
         self.device = device
+        # customer id -> that customer's JSON response object, computed by exactly these heads.
+        self.fragments: LocalLRU[int, bytes] = LocalLRU(fragment_entries)
+        self.provenance: bytes | None = None  # the response's "model" object, filled by the runtime
         self.fused = FusedHeads({t: a.module for t, a in self.heads.items()}).to(device) if self.heads else None
 
     @property
@@ -99,7 +103,7 @@ class HeadSet:
             heads.pop(task, None)
         else:
             heads[task] = head
-        return HeadSet(heads, self.device)
+        return HeadSet(heads, self.device, self.fragments.capacity)
 
 
 def activate(record: HeadRecord, in_dim: int, device: torch.device) -> ActiveHead:

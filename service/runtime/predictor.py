@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 import redis.asyncio as aioredis
 import torch
 from redis.asyncio.retry import Retry
@@ -128,8 +129,14 @@ class Runtime:
         db = load_source(model.data_source, s.data_dir)
         graph = build_graph(db, spec=model.spec)
         device = resolve_device(s.device)
+        if s.torch_threads:
+            torch.set_num_threads(s.torch_threads)
         encoder = model.encoder.to(device)
-        heads = HeadSet({t: activate(r, model.config.hidden, device) for t, r in model.heads.items()}, device)
+        heads = HeadSet(
+            {t: activate(r, model.config.hidden, device) for t, r in model.heads.items()},
+            device,
+            fragment_entries=s.local_cache_entries,
+        )
         cache = EmbeddingCache(
             self.redis,
             namespace=f"{model.encoder_hash}:{graph.snapshot_id}",
@@ -216,8 +223,8 @@ class Runtime:
         t2 = time.perf_counter()
         if record:
             tm = self.telemetry
-            tm.stage_latency.labels("sample").observe(t1 - t0)
-            tm.stage_latency.labels("encode").observe(t2 - t1)
+            tm.stage_sample.observe(t1 - t0)
+            tm.stage_encode.observe(t2 - t1)
             tm.encoder_latency.observe(t2 - t0)
             tm.encoder_batch.observe(len(rows))
             tm.sampled_nodes.observe(sub.num_nodes())
@@ -236,7 +243,18 @@ class Runtime:
 
     async def predict(self, customer_ids: list[int]) -> dict[str, Any]:
         """Outputs of every head for each requested id, with provenance and cache counts."""
-        served, heads = self.require_ready()  # one HeadSet for the whole request
+        result: dict[str, Any] = orjson.loads(await self.predict_json(customer_ids))
+        return result
+
+    async def predict_json(self, customer_ids: list[int]) -> bytes:
+        """The /v1/predict response body as JSON bytes.
+
+        Hot path: a customer whose outputs were already computed by the current head set is served from
+        that head set's fragment cache (its JSON object, ready to splice) without touching Redis or
+        torch. The cache belongs to the HeadSet, so a head swap starts a fresh one, and the HeadSet
+        belongs to one encoder and graph, so outputs never outlive the weights that made them.
+        """
+        served, heads = self.require_ready()  # one HeadSet for the whole request: never a mix
         if not customer_ids:
             raise InvalidInputError("customer_ids: at least one id is required")
         if len(customer_ids) > self.settings.max_ids_per_request:
@@ -245,43 +263,66 @@ class Runtime:
             )
         tm = self.telemetry
         t0 = time.perf_counter()
-        ids = np.asarray(customer_ids, dtype=np.int64)
-        uniq, inverse = np.unique(ids, return_inverse=True)
-        rows = served.graph.lookup(served.graph.spec.seed_type, torch.from_numpy(uniq)).numpy()
-        if (rows < 0).any():
-            raise UnknownIdsError(uniq[rows < 0].tolist())
-        uniq_list = uniq.tolist()
-        cached = await served.cache.get_many(uniq_list)
-        miss = [k for k, e in enumerate(cached) if e is None]
-        t1 = time.perf_counter()
-        tm.stage_latency.labels("cache").observe(t1 - t0)
-        tm.cache_lookups.labels("hit").inc(len(uniq_list) - len(miss))
-        if miss:
-            tm.cache_lookups.labels("miss").inc(len(miss))
-            fresh = await served.batcher.embed(rows[miss])
-            for k, e in zip(miss, fresh, strict=True):
-                cached[k] = e
-            served.cache.remember([uniq_list[k] for k in miss], fresh)
-        t2 = time.perf_counter()
-        outputs = heads.run(torch.from_numpy(np.stack(cached)))  # type: ignore[arg-type]
-        tm.stage_latency.labels("heads").observe(time.perf_counter() - t2)
+        uniq = list(dict.fromkeys(customer_ids))
+        # Read every fragment now, before any await: another request may evict entries meanwhile.
+        frags: dict[int, bytes] = {}
+        need: list[int] = []
+        for cid in uniq:
+            f = heads.fragments.get(cid)
+            if f is None:
+                need.append(cid)
+            else:
+                frags[cid] = f
+        hits, misses = len(uniq) - len(need), 0
+        if need:
+            rows = served.graph.lookup_np(served.graph.spec.seed_type, np.asarray(need, dtype=np.int64))
+            if (rows < 0).any():
+                raise UnknownIdsError(sorted({need[k] for k in np.flatnonzero(rows < 0).tolist()}))
+            cached = await served.cache.get_many(need)
+            miss = [k for k, e in enumerate(cached) if e is None]
+            hits += len(need) - len(miss)
+            misses = len(miss)
+            tm.stage_cache.observe(time.perf_counter() - t0)
+            if miss:
+                fresh = await served.batcher.embed(rows[miss])
+                for k, e in zip(miss, fresh, strict=True):
+                    cached[k] = e
+                served.cache.remember([need[k] for k in miss], fresh)
+            t2 = time.perf_counter()
+            outputs = heads.run(torch.from_numpy(np.stack(cached)))  # type: ignore[arg-type]
+            for cid, frag in zip(need, self._fragments(need, heads, outputs), strict=True):
+                frags[cid] = frag
+                heads.fragments.put(cid, frag)
+            tm.stage_heads.observe(time.perf_counter() - t2)
+        if hits:
+            tm.cache_hit.inc(hits)
+        if misses:
+            tm.cache_miss.inc(misses)
         tm.predictions.inc(len(customer_ids))
-        return {
-            "model": {
-                "name": served.model.name,
-                "version": served.model.version,
-                "encoder_hash": served.model.encoder_hash,
-                "graph_snapshot": served.graph.snapshot_id,
-                "heads": heads.versions,
-            },
-            "cache": {"hits": len(uniq_list) - len(miss), "misses": len(miss)},
-            "predictions": self._format(customer_ids, inverse, heads, outputs),
-        }
+        if heads.provenance is None:
+            heads.provenance = orjson.dumps(
+                {
+                    "name": served.model.name,
+                    "version": served.model.version,
+                    "encoder_hash": served.model.encoder_hash,
+                    "graph_snapshot": served.graph.snapshot_id,
+                    "heads": heads.versions,
+                }
+            )
+        return b"".join(
+            (
+                b'{"model":',
+                heads.provenance,
+                b',"cache":{"hits":%d,"misses":%d},"predictions":[' % (hits, misses),
+                b",".join([frags[c] for c in customer_ids]),
+                b"]}",
+            )
+        )
 
     @staticmethod
-    def _format(
-        customer_ids: list[int], inverse: np.ndarray, heads: HeadSet, outputs: dict[str, torch.Tensor]
-    ) -> list[dict[str, Any]]:
+    def _fragments(ids: list[int], heads: HeadSet, outputs: dict[str, torch.Tensor]) -> list[bytes]:
+        """One JSON object per customer: ``<task>_probability`` (binary), ``<task>`` (regression, dollars),
+        ``<task>: {label, probabilities}`` (multi-class)."""
         columns: list[tuple[str, str, Any, tuple[str, ...]]] = []
         for task, out in outputs.items():
             spec = heads.heads[task].spec
@@ -293,7 +334,7 @@ class Runtime:
             else:
                 columns.append((task, "classes", values, spec.classes))
         result = []
-        for cid, k in zip(customer_ids, inverse.tolist(), strict=True):
+        for k, cid in enumerate(ids):
             item: dict[str, Any] = {"customer_id": cid}
             for name, kind, values, classes in columns:
                 if kind == "scalar":
@@ -301,11 +342,8 @@ class Runtime:
                 else:
                     probs = values[k]
                     best = max(range(len(probs)), key=probs.__getitem__)
-                    item[name] = {
-                        "label": classes[best],
-                        "probabilities": dict(zip(classes, probs, strict=True)),
-                    }
-            result.append(item)
+                    item[name] = {"label": classes[best], "probabilities": dict(zip(classes, probs, strict=True))}
+            result.append(orjson.dumps(item))
         return result
 
     @property

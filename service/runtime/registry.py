@@ -1,11 +1,20 @@
 """Head hot-swap: verify off the request path, swap one reference, keep the previous head, and
 propagate the change to every replica that shares the Redis.
 
-Replica protocol: the desired head set of a model version is a Redis hash
-``onepass:heads:<model>:<version>`` (task -> {"version", "sha256"}); every change rewrites the hash
-and publishes on the channel of the same name. Each replica subscribes, and on a message (or at start)
-reconciles: it loads every head whose version differs from the model store, checks the sha256 the
-record names, and swaps. A replica that starts later reads the hash and comes up with the current heads.
+Replica protocol: the desired head set of a served model is a Redis hash
+``onepass:heads:<model>:<version>:<encoder hash>`` (task -> ``{"version", "sha256"}``). A change on
+one replica updates only its task's field (a Lua script writes the replica's whole head set first when
+the hash does not exist yet, so concurrent changes to different tasks on different replicas do not
+undo each other) and publishes on the channel of the same name. Every replica subscribes; on a
+message, at start, after a reconnect and every :data:`RESYNC_S` seconds it reconciles: for every task
+whose sha256 differs from its own it loads that head version from the model store, checks that the
+store's sha256 equals the published one, runs the same checks as an admin swap, and swaps. A replica
+that starts later reads the hash and comes up with the current heads.
+
+The record lives in the cache Redis, which may evict keys (``allkeys-lru``) or be flushed: the periodic
+resync writes it back from the local head set when it is missing, so it survives as long as one
+replica runs. Redis trouble never fails a request or an admin swap on the local replica; the response
+says whether the change was propagated.
 """
 
 from __future__ import annotations
@@ -14,29 +23,61 @@ import asyncio
 import json
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import redis.asyncio as aioredis
 import torch
 
-from service.errors import ConflictError, InvalidInputError, ModelStoreError, NotFoundError
+from service.errors import ConflictError, InvalidInputError, ModelStoreError, NotFoundError, OnepassError
 from service.runtime.heads import ActiveHead, HeadSet, activate
 from service.store.store import HeadRecord, check_name, sha256_bytes
 
 if TYPE_CHECKING:
     from service.runtime.predictor import Runtime, Served
+    from service.runtime.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("onepass.audit")
 
+#: Earlier heads kept per task for rollback (each is a few KB of weights).
+MAX_PREVIOUS = 5
+#: Seconds between two periodic reconciles of a replica with the shared record.
+RESYNC_S = 10.0
+#: Timeout (s) of the replica-control Redis calls: off the request path, so longer than the cache's.
+CONTROL_TIMEOUT_S = 2.0
+
+# KEYS[1]: the record (also the channel). ARGV: task, ref JSON ("" = removed), message, then the
+# replica's whole head set as task/ref pairs, written only when the record does not exist yet.
+_PUBLISH_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+if ARGV[2] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return redis.call('PUBLISH', KEYS[1], ARGV[3])
+"""
+# Re-create a missing record (evicted or flushed) from the local head set; never overwrites one.
+_RESTORE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2; torch.save's zip archive
+
 
 @dataclass
 class SwapReport:
+    """The outcome of one admin action: the heads before and after, the golden-set drift, and whether
+    the shared record (other replicas) was updated."""
+
     task: str
     action: str
     old: dict[str, str] | None
     new: dict[str, str] | None
     drift: dict[str, float] | None
+    propagated: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -45,6 +86,7 @@ class SwapReport:
             "old": self.old,
             "new": self.new,
             "drift": self.drift,
+            "propagated": self.propagated,
         }
 
 
@@ -53,21 +95,87 @@ def _ref(head: ActiveHead | None) -> dict[str, str] | None:
 
 
 def audit(
-    action: str, task: str, old: dict[str, str] | None, new: dict[str, str] | None, result: str, **extra: Any
+    action: str, task: str | None, old: dict[str, str] | None, new: dict[str, str] | None, result: str, **extra: Any
 ) -> None:
-    """One structured line per admin action. Never includes credentials."""
+    """One structured JSON line on the ``onepass.audit`` logger. Callers never pass credentials."""
     audit_log.info(json.dumps({"event": "admin", "action": action, "task": task, "old": old, "new": new,
-                               "result": result, **extra}, sort_keys=True))  # fmt: skip
+                               "result": result, **extra}, sort_keys=True, default=str))  # fmt: skip
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OnepassError):
+        return f"{exc.code}: {exc}"
+    # Unexpected errors: the type only; the traceback goes to the error log, not the audit trail.
+    return f"internal_error: {type(exc).__name__}"
+
+
+@dataclass
+class AuditEntry:
+    """Context manager: writes exactly one audit line when the action ends, ``ok`` or ``rejected: <why>``.
+
+    The action fills in ``old`` and ``new`` (version and sha256) as it learns them, so a rejection says
+    which head was refused in favour of which.
+    """
+
+    action: str
+    task: str | None
+    telemetry: Telemetry | None = None
+    old: dict[str, str] | None = None
+    new: dict[str, str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __enter__(self) -> AuditEntry:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        result = "ok" if exc is None else f"rejected: {_reason(exc)}"
+        audit(self.action, self.task, self.old, self.new, result, **self.extra)
+        if self.telemetry is not None:
+            self.telemetry.head_swaps.labels(self.action, "ok" if exc is None else "rejected").inc()
+
+
+def validate_task_name(task: str) -> str:
+    """A task name from a request: a plain store name (no '/', '..', absolute path or URL). HTTP 422."""
+    return _validate(task, "task")
+
+
+def validate_version(version: str) -> str:
+    """A head version from a request: a plain store name. HTTP 422."""
+    return _validate(version, "version")
+
+
+def _validate(value: str, what: str) -> str:
+    try:
+        return check_name(value, what)
+    except ModelStoreError as e:
+        raise InvalidInputError(str(e)) from e
+
+
+def _origin(msg: dict[str, Any]) -> str | None:
+    """The replica that published a change message (None when the message is not ours)."""
+    try:
+        origin = json.loads(msg["data"]).get("origin")
+    except (ValueError, AttributeError, KeyError):
+        return None
+    return origin if isinstance(origin, str) else None
+
+
+def output_key(task: str, kind: str) -> str:
+    """The key a head's output has in each /v1/predict item."""
+    return f"{task}_probability" if kind == "binary" else task
 
 
 class HeadManager:
-    """Admin operations on a runtime's heads, serialised by one lock."""
+    """Admin operations on a runtime's heads, serialised by one lock, and the replica listener."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         self.replica_id = uuid.uuid4().hex[:12]
         self._lock = asyncio.Lock()
         self._listener: asyncio.Task[None] | None = None
+        self._control: aioredis.Redis | None = None
 
     # ----- helpers -----------------------------------------------------------------------------------
     @property
@@ -76,29 +184,33 @@ class HeadManager:
         return served
 
     def channel(self) -> str:
+        """The shared record's key and the change channel of the served model and encoder."""
         m = self.served.model
-        return f"onepass:heads:{m.name}:{m.version}"
+        return f"onepass:heads:{m.name}:{m.version}:{m.encoder_hash}"
 
-    def _golden(self, served: Served, new: ActiveHead, old: ActiveHead | None) -> dict[str, float]:
-        """Run the candidate on the stored golden embeddings: outputs must be finite; report the drift
-        from the current head (mean and max absolute difference, in reported units)."""
-        out = HeadSet({new.spec.task: new}, served.device).run(served.golden)[new.spec.task]
+    @staticmethod
+    def _golden(served: Served, new: ActiveHead, old: ActiveHead | None) -> dict[str, float] | None:
+        """Run the candidate on the stored golden embeddings: outputs must be finite. Returns the drift
+        from the current head (mean and max absolute difference, in reported units), None without one."""
+        task = new.spec.task
+        out = HeadSet({task: new}, served.device).run(served.golden)[task]
         if not bool(torch.isfinite(out).all()):
-            raise ModelStoreError(f"head '{new.spec.task}': golden check produced non-finite outputs")
+            raise ModelStoreError(f"head '{task}': the golden check produced non-finite outputs")
         if old is None:
-            return {"mean_abs": 0.0, "max_abs": 0.0, "golden_size": float(served.golden.shape[0])}
-        ref = HeadSet({old.spec.task: old}, served.device).run(served.golden)[old.spec.task]
+            return None
+        ref = HeadSet({task: old}, served.device).run(served.golden)[task]
         diff = (out - ref).abs()
-        return {
-            "mean_abs": float(diff.mean()),
-            "max_abs": float(diff.max()),
-            "golden_size": float(out.shape[0]),
-        }
+        return {"mean_abs": float(diff.mean()), "max_abs": float(diff.max()), "golden_size": int(out.shape[0])}
 
-    def _check_compatible(self, record: HeadRecord, current: ActiveHead | None, served: Served) -> None:
+    @staticmethod
+    def _check_compatible(task: str, record: HeadRecord, current: ActiveHead | None, served: Served) -> None:
+        if record.spec.task != task:
+            raise ModelStoreError(
+                f"head version {record.version} is a head for task '{record.spec.task}', not '{task}'"
+            )
         if record.trained_on != served.model.encoder_hash:
             raise ModelStoreError(
-                f"head '{record.spec.task}' {record.version} was trained on encoder {record.trained_on}, "
+                f"head '{task}' {record.version} was trained on encoder {record.trained_on}, "
                 f"the served encoder is {served.model.encoder_hash}"
             )
         if current is not None and (current.spec.kind, current.spec.classes) != (
@@ -106,124 +218,143 @@ class HeadManager:
             record.spec.classes,
         ):
             raise ModelStoreError(
-                f"head '{record.spec.task}': kind/classes {record.spec.kind} {list(record.spec.classes)} differ from "
+                f"head '{task}': kind/classes {record.spec.kind} {list(record.spec.classes)} differ from "
                 f"the served head's {current.spec.kind} {list(current.spec.classes)}"
             )
 
-    async def _activate(self, record: HeadRecord, current: ActiveHead | None) -> tuple[ActiveHead, dict[str, float]]:
-        served = self.served
-        self._check_compatible(record, current, served)
-        # Building and checking the head happens in a thread: requests keep flowing meanwhile.
+    async def _verify(
+        self, task: str, record: HeadRecord, current: ActiveHead | None, served: Served
+    ) -> tuple[ActiveHead, dict[str, float] | None]:
+        """Every check before a swap: task, encoder, kind and classes; tensor names, shapes, dtypes and
+        finite values (``activate``); finite outputs on the golden set. Runs in a worker thread, so
+        requests keep flowing meanwhile."""
+        self._check_compatible(task, record, current, served)
         head = await asyncio.to_thread(activate, record, served.model.config.hidden, served.device)
         drift = await asyncio.to_thread(self._golden, served, head, current)
         return head, drift
+
+    def current_ref(self, task: str) -> dict[str, str] | None:
+        """Version and sha256 of the head serving ``task`` now (None when none or not loaded yet)."""
+        heads = self.rt.heads
+        return None if heads is None else _ref(heads.heads.get(task))
+
+    def _current(self, task: str) -> ActiveHead:
+        _, heads = self.rt.loaded()
+        current = heads.heads.get(task)
+        if current is None:
+            raise NotFoundError(f"task '{task}' is not served; add a head with POST /admin/v1/heads")
+        return current
 
     def _install(self, task: str, head: ActiveHead | None, *, keep_previous: bool = True) -> ActiveHead | None:
         _, heads = self.rt.loaded()
         old = heads.heads.get(task)
         if keep_previous and old is not None:
-            self.rt.previous.setdefault(task, []).append(old)
+            stack = self.rt.previous.setdefault(task, [])
+            stack.append(old)
+            del stack[:-MAX_PREVIOUS]
         self.rt.heads = heads.replace(task, head)  # the one atomic reference swap
         self.rt._publish_info()
         return old
 
-    # ----- operations --------------------------------------------------------------------------------
-    def record_from_upload(self, task: str, data: bytes) -> HeadRecord:
-        """An uploaded safetensors head for an existing task; stored as a new head version."""
-        check_name(task, "task")
-        _, heads = self.rt.loaded()
-        current = heads.heads.get(task)
-        if current is None:
-            raise NotFoundError(f"task '{task}' is not served; add a head with POST /admin/v1/heads")
-        served = self.served
-        record = HeadRecord(current.spec, "upload", sha256_bytes(data), data, served.model.encoder_hash)
-        record.build(served.model.config.hidden)  # names, shapes, dtypes, finiteness (raises ModelStoreError)
-        return record
-
-    def record_from_store(self, task: str, version: str) -> HeadRecord:
+    def _load_record(self, task: str, version: str) -> HeadRecord:
         m = self.served.model
-        return self.rt.store.load_head(m.name, m.version, check_name(task, "task"), check_name(version, "version"))
+        return self.rt.store.load_head(m.name, m.version, task, version)
 
-    async def swap(self, task: str, record: HeadRecord, action: str = "swap") -> SwapReport:
+    async def _commit(
+        self, task: str, head: ActiveHead | None, action: str, drift: dict[str, float] | None, *, keep_previous: bool
+    ) -> SwapReport:
+        old = self._install(task, head, keep_previous=keep_previous)
+        propagated = await self._publish(task, head)
+        return SwapReport(task, action, _ref(old), _ref(head), drift, propagated)
+
+    # ----- operations (task and version names are validated by the caller) --------------------------------
+    async def swap_upload(self, task: str, data: bytes, entry: AuditEntry) -> SwapReport:
+        """Swap ``task`` to an uploaded safetensors head. Verified first, then stored in the model store
+        as a new head version, so every replica can load and verify it by name."""
+        upload_sha = sha256_bytes(data)
+        entry.new = {"version": "upload", "sha256": upload_sha}
+        if data.startswith(PICKLE_MAGIC):
+            raise ModelStoreError(
+                "upload is a pickle or torch.save file; only safetensors is accepted (loading a pickle runs code)"
+            )
         async with self._lock:
-            _, heads = self.rt.loaded()
-            current = heads.heads.get(task)
-            if current is None:
-                raise NotFoundError(f"task '{task}' is not served; add a head with POST /admin/v1/heads")
-            try:
-                if record.version == "upload":
-                    record = await asyncio.to_thread(self._persist_upload, record)
-                head, drift = await self._activate(record, current)
-            except Exception as e:
-                audit(action, task, _ref(current), {"sha256": record.sha256}, f"rejected: {e}")
-                self.rt.telemetry.head_swaps.labels(action, "rejected").inc()
-                raise
-            old = self._install(task, head)
-            report = SwapReport(task, action, _ref(old), _ref(head), drift)
-            await self._publish()
-            audit(action, task, report.old, report.new, "ok", drift=drift)
-            self.rt.telemetry.head_swaps.labels(action, "ok").inc()
-            return report
+            served = self.served
+            current = self._current(task)
+            entry.old = _ref(current)
+            record = HeadRecord(current.spec, "upload", upload_sha, data, served.model.encoder_hash)
+            head, drift = await self._verify(task, record, current, served)
+            stored = await asyncio.to_thread(self._persist_upload, head, upload_sha)
+            head = ActiveHead(stored, head.module)
+            entry.new = {**(_ref(head) or {}), "upload_sha256": upload_sha}
+            return await self._commit(task, head, "swap", drift, keep_previous=True)
 
-    def _persist_upload(self, record: HeadRecord) -> HeadRecord:
-        """Uploads become head versions in the model store, so every replica can load and verify them."""
+    def _persist_upload(self, head: ActiveHead, upload_sha: str) -> HeadRecord:
         m = self.served.model
-        head = record.build(m.config.hidden)
         try:
-            hv = self.rt.store.save_head(m.name, m.version, head, trained_on=record.trained_on, metrics={})
+            hv = self.rt.store.save_head(
+                m.name, m.version, head.module, trained_on=m.encoder_hash,
+                metrics={"source": "admin upload", "upload_sha256": upload_sha},
+            )  # fmt: skip
         except OSError as e:
-            raise ConflictError(f"model store is not writable ({e.strerror}); store the head with "
-                                "`onepass train-head` and swap by reference") from e  # fmt: skip
-        return self.rt.store.load_head(m.name, m.version, record.spec.task, hv)
+            raise ConflictError(
+                f"model store is not writable ({e.strerror}); store the head with `onepass train-head` and "
+                "swap by reference"
+            ) from e
+        return self.rt.store.load_head(m.name, m.version, head.spec.task, hv)
 
-    async def rollback(self, task: str) -> SwapReport:
+    async def swap_version(self, task: str, version: str, entry: AuditEntry) -> SwapReport:
+        """Swap ``task`` to a head version already in the model store."""
+        entry.new = {"version": version}
+        async with self._lock:
+            served = self.served
+            current = self._current(task)
+            entry.old = _ref(current)
+            record = await asyncio.to_thread(self._load_record, task, version)
+            entry.new = {"version": record.version, "sha256": record.sha256}
+            head, drift = await self._verify(task, record, current, served)
+            return await self._commit(task, head, "swap", drift, keep_previous=True)
+
+    async def rollback(self, task: str, entry: AuditEntry) -> SwapReport:
+        """Put back the head that served ``task`` before its last swap (or removal)."""
         async with self._lock:
             _, heads = self.rt.loaded()
+            entry.old = _ref(heads.heads.get(task))
             stack = self.rt.previous.get(task)
             if not stack:
                 raise NotFoundError(f"task '{task}' has no previous head to roll back to")
-            current = heads.heads.get(task)
             previous = stack.pop()
-            self._install(task, previous, keep_previous=False)
-            report = SwapReport(task, "rollback", _ref(current), _ref(previous), None)
-            await self._publish()
-            audit("rollback", task, report.old, report.new, "ok")
-            self.rt.telemetry.head_swaps.labels("rollback", "ok").inc()
-            return report
+            entry.new = _ref(previous)
+            return await self._commit(task, previous, "rollback", None, keep_previous=False)
 
-    async def add(self, task: str, version: str) -> SwapReport:
+    async def add(self, task: str, version: str, entry: AuditEntry) -> SwapReport:
+        """Serve a new task from a head version in the model store."""
+        entry.new = {"version": version}
         async with self._lock:
-            _, heads = self.rt.loaded()
+            served, heads = self.rt.loaded()
             if task in heads.heads:
                 raise ConflictError(f"task '{task}' is already served; use PUT /admin/v1/heads/{task} to swap it")
-            record = self.record_from_store(task, version)
-            try:
-                head, drift = await self._activate(record, None)
-            except Exception as e:
-                audit("add", task, None, {"version": version}, f"rejected: {e}")
-                raise
-            self._install(task, head)
-            report = SwapReport(task, "add", None, _ref(head), drift)
-            await self._publish()
-            audit("add", task, None, report.new, "ok")
-            self.rt.telemetry.head_swaps.labels("add", "ok").inc()
-            return report
+            record = await asyncio.to_thread(self._load_record, task, version)
+            entry.new = {"version": record.version, "sha256": record.sha256}
+            key = output_key(task, record.spec.kind)
+            taken = {"customer_id"} | {output_key(t, a.spec.kind) for t, a in heads.heads.items()}
+            if key in taken:
+                raise ConflictError(f"task '{task}': its output key '{key}' is already used in /v1/predict responses")
+            head, drift = await self._verify(task, record, None, served)
+            return await self._commit(task, head, "add", drift, keep_previous=True)
 
-    async def remove(self, task: str) -> SwapReport:
+    async def remove(self, task: str, entry: AuditEntry) -> SwapReport:
+        """Stop serving ``task``; the head stays available to rollback."""
         async with self._lock:
             _, heads = self.rt.loaded()
             if task not in heads.heads:
                 raise NotFoundError(f"task '{task}' is not served")
+            entry.old = _ref(heads.heads[task])
             if len(heads.heads) == 1:
                 raise ConflictError(f"task '{task}' is the last head; a model needs at least one")
-            old = self._install(task, None)
-            report = SwapReport(task, "remove", _ref(old), None, None)
-            await self._publish()
-            audit("remove", task, report.old, None, "ok")
-            self.rt.telemetry.head_swaps.labels("remove", "ok").inc()
-            return report
+            return await self._commit(task, None, "remove", None, keep_previous=True)
 
     def describe(self) -> dict[str, Any]:
+        """Encoder hash, graph snapshot, cache namespace and every head's version, sha256 and load time."""
         served, heads = self.rt.loaded()
         m = served.model
         return {
@@ -243,62 +374,101 @@ class HeadManager:
         }  # fmt: skip
 
     # ----- replicas ----------------------------------------------------------------------------------
-    async def _publish(self) -> None:
-        """Write the desired head set and notify the other replicas (best effort: Redis may be down)."""
-        redis = self.rt.redis
-        if redis is None:
-            return
+    def _state(self) -> list[str]:
         _, heads = self.rt.loaded()
-        state = {
-            t: json.dumps({"version": a.record.version, "sha256": a.record.sha256}) for t, a in heads.heads.items()
-        }
-        key = self.channel()
+        pairs: list[str] = []
+        for t, a in heads.heads.items():
+            pairs += [t, json.dumps({"version": a.record.version, "sha256": a.record.sha256})]
+        return pairs
+
+    async def _publish(self, task: str, head: ActiveHead | None) -> bool:
+        """Record the change of ``task`` in the shared record and notify the other replicas. Best effort:
+        with Redis down the local change stands, and the others catch up at the next change."""
+        redis = self._control
+        if redis is None:
+            return False
+        ref = "" if head is None else json.dumps(_ref(head))
+        message = json.dumps({"origin": self.replica_id, "task": task})
         try:
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.delete(key)
-                pipe.hset(key, mapping=state)  # type: ignore[arg-type]
-                pipe.publish(key, json.dumps({"origin": self.replica_id}))
-                await pipe.execute()
-        except Exception as e:  # noqa: BLE001 - local swap stands; other replicas catch up at next change
-            log.warning("could not propagate head change to other replicas: %s", e)
+            await redis.eval(_PUBLISH_LUA, 1, self.channel(), task, ref, message, *self._state())  # type: ignore[misc]
+        except Exception as e:  # noqa: BLE001 - any Redis failure: the local swap stands
+            log.warning("could not propagate the change of head '%s' to other replicas: %s", task, e)
+            return False
+        return True
 
     async def reconcile(self) -> list[str]:
-        """Make the local heads equal the shared record; returns the tasks that changed."""
-        redis = self.rt.redis
+        """Make the local heads equal the shared record; returns the tasks that changed.
+
+        Each head is loaded from the model store, its sha256 checked against the record, and verified
+        like an admin swap; a head that fails is logged and skipped (the replica keeps its own).
+        """
+        redis = self._control
         if redis is None:
             return []
         raw = await redis.hgetall(self.channel())  # type: ignore[misc]
-        if not raw:
+        wanted: dict[str, dict[str, str]] = {}
+        malformed: set[str] = set()  # present but unreadable: left alone, never taken as a removal
+        for k, v in raw.items():
+            task = k.decode() if isinstance(k, bytes) else str(k)
+            try:
+                ref = json.loads(v)
+                wanted[validate_task_name(task)] = {
+                    "version": validate_version(ref["version"]),
+                    "sha256": ref["sha256"],
+                }
+            except (ValueError, KeyError, TypeError, InvalidInputError) as e:
+                log.error("shared head record: ignoring malformed entry for %r: %s", task, e)
+                malformed.add(task)
+        if not wanted:
             return []
-        wanted = {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
-        changed = []
+        changed: list[str] = []
         async with self._lock:
-            _, heads = self.rt.loaded()
+            served, heads = self.rt.loaded()
             for task, ref in wanted.items():
                 cur = heads.heads.get(task)
                 if cur is not None and cur.record.sha256 == ref["sha256"]:
                     continue
-                record = self.record_from_store(task, ref["version"])
-                if record.sha256 != ref["sha256"]:
-                    log.error("head %s %s: store sha256 %s != published %s; not swapping", task, ref["version"],
-                              record.sha256[:12], ref["sha256"][:12])  # fmt: skip
+                try:
+                    with AuditEntry("reconcile", task, self.rt.telemetry, _ref(cur), ref, {"replica": self.replica_id}):
+                        record = await asyncio.to_thread(self._load_record, task, ref["version"])
+                        if record.sha256 != ref["sha256"]:
+                            raise ModelStoreError(
+                                f"head '{task}' {ref['version']}: model store sha256 {record.sha256[:12]} differs from "
+                                f"the published {ref['sha256'][:12]}; not swapping"
+                            )
+                        head, _ = await self._verify(task, record, cur, served)
+                        self._install(task, head)
+                except Exception as e:  # noqa: BLE001 - one bad head must not block the others
+                    log.error("reconcile: keeping the local head '%s': %s", task, e)
                     continue
-                head, _ = await self._activate(record, cur)
-                self._install(task, head)
                 _, heads = self.rt.loaded()
                 changed.append(task)
-            for task in [t for t in heads.heads if t not in wanted]:
-                self._install(task, None)
+            for task in [t for t in heads.heads if t not in wanted and t not in malformed]:
+                if len(self.rt.loaded()[1].heads) == 1:
+                    log.error("reconcile: not removing '%s', the last head", task)
+                    break
+                with AuditEntry("reconcile", task, self.rt.telemetry, _ref(heads.heads[task]), None,
+                                {"replica": self.replica_id}):  # fmt: skip
+                    self._install(task, None)
                 changed.append(task)
-        if changed:
-            audit("reconcile", ",".join(changed), None, None, "ok", replica=self.replica_id)
         return changed
 
+    async def _restore_record(self) -> None:
+        """Write the shared record back from the local heads when it is missing (evicted or flushed)."""
+        assert self._control is not None
+        if await self._control.eval(_RESTORE_LUA, 1, self.channel(), *self._state()):  # type: ignore[misc]
+            log.warning("shared head record %s was missing; restored it from this replica", self.channel())
+
     async def start_listener(self) -> None:
-        """Subscribe to head changes and reconcile at start (a late replica gets the current heads)."""
+        """Reconcile with the shared record (a late replica comes up with the current heads), then listen."""
         self.rt.loaded()
-        if self.rt.redis is None:
+        url = self.rt.settings.redis_url
+        if url is None:
             return
+        self._control = aioredis.from_url(
+            url, socket_timeout=CONTROL_TIMEOUT_S, socket_connect_timeout=CONTROL_TIMEOUT_S,
+            health_check_interval=30,
+        )  # fmt: skip
         try:
             await self.reconcile()
         except Exception as e:  # noqa: BLE001 - Redis down at start: serve the manifest heads
@@ -306,26 +476,33 @@ class HeadManager:
         self._listener = asyncio.get_running_loop().create_task(self._listen(), name="onepass-head-listener")
 
     async def _listen(self) -> None:
-        assert self.rt.redis is not None
+        assert self._control is not None
+        loop = asyncio.get_running_loop()
         while True:
+            pubsub = self._control.pubsub(ignore_subscribe_messages=True)
             try:
-                pubsub = self.rt.redis.pubsub()
                 await pubsub.subscribe(self.channel())
-                async for msg in pubsub.listen():
-                    if msg.get("type") != "message":
-                        continue
-                    origin = json.loads(msg["data"]).get("origin")
-                    if origin != self.replica_id:
+                await self.reconcile()  # changes made while (re)subscribing
+                last_sync = loop.time()
+                while True:
+                    # A timeout instead of a blocking read: the loop also drives the periodic resync.
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg is not None and msg.get("type") == "message" and _origin(msg) != self.replica_id:
                         await self.reconcile()
+                    if loop.time() - last_sync >= RESYNC_S:
+                        await self._restore_record()
+                        await self.reconcile()
+                        last_sync = loop.time()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - keep listening across Redis outages
-                log.debug("head listener: %s; resubscribing", e)
+                log.warning("head listener: %s; resubscribing in 1 s", e)
                 await asyncio.sleep(1.0)
+            finally:
                 try:
-                    await self.reconcile()
-                except Exception:  # noqa: BLE001, S110
-                    pass
+                    await pubsub.aclose()
+                except Exception:  # noqa: BLE001 - the connection may already be gone
+                    log.debug("head listener: closing the subscription failed", exc_info=True)
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -334,10 +511,7 @@ class HeadManager:
                 await self._listener
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
-
-
-def validate_task_name(task: str) -> str:
-    try:
-        return check_name(task, "task")
-    except ModelStoreError as e:
-        raise InvalidInputError(str(e)) from e
+            self._listener = None
+        if self._control is not None:
+            await self._control.aclose()
+            self._control = None

@@ -57,4 +57,12 @@ class Telemetry:
             "onepass_redis_breaker_state", "Redis circuit breaker: 0 closed, 1 half-open, 2 open.", registry=r
         )
         self.ready = Gauge("onepass_ready", "1 when the model is loaded and warmed.", registry=r)
+        # Children bound once: `.labels()` costs a dict lookup and a lock per call on the hot path.
+        self.stage_cache = self.stage_latency.labels("cache")
+        self.stage_heads = self.stage_latency.labels("heads")
+        self.stage_sample = self.stage_latency.labels("sample")
+        self.stage_encode = self.stage_latency.labels("encode")
+        self.cache_hit = self.cache_lookups.labels("hit")
+        self.cache_miss = self.cache_lookups.labels("miss")
+        self.cache_error = self.cache_lookups.labels("error")
         self.head_swaps = Counter("onepass_head_swaps", "Admin head changes applied.", ["action", "result"], registry=r)

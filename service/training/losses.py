@@ -149,9 +149,7 @@ class FixedWeightBalancer(LossBalancer):
             raise ValueError(f"fixed loss weights missing for tasks {missing}")
         unknown = sorted(set(weights) - set(self.tasks))
         if unknown:
-            raise ValueError(
-                f"fixed loss weights given for unknown tasks {unknown}; tasks are {list(self.tasks)}"
-            )
+            raise ValueError(f"fixed loss weights given for unknown tasks {unknown}; tasks are {list(self.tasks)}")
         for task in self.tasks:
             value = float(weights[task])
             if not math.isfinite(value) or value < 0:
@@ -289,9 +287,7 @@ class GradNormBalancer(LossBalancer):
                 total = total + (surrogate - surrogate.detach())
         return total
 
-    def _weight_grad(
-        self, present: list[tuple[int, Tensor]], shared: Sequence[nn.Parameter]
-    ) -> Tensor | None:
+    def _weight_grad(self, present: list[tuple[int, Tensor]], shared: Sequence[nn.Parameter]) -> Tensor | None:
         """Record L_i(0) and G_i, and return dL_grad/dw (detached), or None if no task reaches W."""
         index = [i for i, _ in present]
         loss_values = torch.stack([loss.detach() for _, loss in present])

@@ -255,7 +255,7 @@ def train(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             balancer.after_step()
-            total += float(loss)
+            total += float(loss.detach())
             steps += 1
             if on_batch is not None:
                 on_batch(steps, n_batches)

@@ -131,12 +131,20 @@ def _replay_builder(root: Path) -> Image:
             workdir = rest
             image.path(workdir).mkdir(parents=True, exist_ok=True)
         elif instr == "COPY":
-            assert not rest.startswith("--"), f"unsupported COPY flags in the builder: {rest}"
-            *sources, dest = rest.split()
+            words = rest.split()
+            flags = [w for w in words if w.startswith("--")]
+            *sources, dest = [w for w in words if not w.startswith("--")]
+            mode = None
+            for flag in flags:
+                assert flag.startswith("--chmod="), f"unsupported COPY flag in the builder: {flag}"
+                mode = int(flag.removeprefix("--chmod="), 8)
             target = dest if dest.startswith("/") else f"{workdir.rstrip('/')}/{dest}"
             for src in sources:
                 into_dir = dest.endswith("/") or len(sources) > 1
-                _copy(context, src, image.path(target) / Path(src).name if into_dir else image.path(target))
+                out = image.path(target) / Path(src).name if into_dir else image.path(target)
+                _copy(context, src, out)
+                if mode is not None:
+                    out.chmod(mode)
         elif instr == "RUN":
             argv = [a if not a.startswith("/") else str(image.path(a)) for a in shlex.split(rest)]
             runs.append(argv)
