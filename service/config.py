@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(7 * 24 * 3600, ge=1)
     cache_dtype: Literal["float32", "float16"] = "float32"
     local_cache_entries: int = Field(200_000, ge=0, description="in-process LRU in front of Redis")
-    redis_timeout_s: float = Field(0.05, gt=0, le=5)
+    # Generous enough that a busy event loop (which reads replies late) does not trip the breaker.
+    redis_timeout_s: float = Field(0.25, gt=0, le=5)
     breaker_failures: int = Field(3, ge=1, description="consecutive Redis errors that open the breaker")
     breaker_reset_s: float = Field(2.0, gt=0, description="open time before a half-open probe")
 

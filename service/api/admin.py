@@ -131,7 +131,7 @@ def _content_type(request: Request) -> str:
 
 
 def _report(report: SwapReport, status: int = 200) -> Response:
-    return Response(orjson.dumps(report), status_code=status, media_type="application/json")
+    return Response(orjson.dumps(report.to_json()), status_code=status, media_type="application/json")
 
 
 @router.get("/model")

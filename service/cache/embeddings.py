@@ -156,7 +156,7 @@ class EmbeddingCache:
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             self.errors += 1
             self.breaker.failure()
-            log.debug("redis mget failed: %s", e)
+            log.debug("redis mget failed: %r", e)
             return out
         self.breaker.success()
         for k, raw in zip(missing, raws, strict=True):

@@ -38,12 +38,14 @@ class DynamicBatcher:
         max_wait_ms: float,
         batching: bool = True,
         on_queue_wait: Callable[[float], None] | None = None,
+        on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None,
     ) -> None:
         self._encode = encode
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.batching = batching
         self._on_queue_wait = on_queue_wait
+        self._on_batch = on_batch
         self._inflight: dict[int, asyncio.Future[np.ndarray]] = {}
         self._queue: list[_Submission] = []
         self._wakeup = asyncio.Event()
@@ -137,3 +139,5 @@ class DynamicBatcher:
                 fut = self._inflight.pop(r, None)
                 if fut is not None and not fut.done():
                     fut.set_result(emb)
+            if self._on_batch is not None:
+                self._on_batch(rows, embs)  # e.g. one cache write-back per pass, not one per request

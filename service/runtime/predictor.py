@@ -9,6 +9,7 @@ current step as the reason.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -106,6 +107,10 @@ class Runtime:
             self.reason = "applying the shared head record"
             await self.manager.start_listener()  # a late replica comes up with the current heads
             self._publish_info()
+            # Everything loaded so far lives until shutdown: move it out of the collector's view so a
+            # full collection does not walk the model, graph and imports on the request path.
+            gc.collect()
+            gc.freeze()
             self.state, self.reason = "ready", "ok"
             self.startup_s = time.perf_counter() - self._t0
             self.telemetry.ready.set(1)
@@ -154,6 +159,7 @@ class Runtime:
             max_wait_ms=s.batch_max_wait_ms,
             batching=s.batching,
             on_queue_wait=self.telemetry.queue_wait.observe,
+            on_batch=lambda rows, embs: self._write_back(served, rows, embs),
         )
         # Warm-up doubles as the golden set: embeddings of a fixed, spread-out customer sample.
         n = graph.nodes[graph.spec.seed_type].num_nodes
@@ -231,6 +237,12 @@ class Runtime:
             tm.encoder_passes.inc()
         return np.ascontiguousarray(emb, dtype=np.float32)
 
+    def _write_back(self, served: Served, rows: np.ndarray, embs: np.ndarray) -> None:
+        """After an encoder pass: keep the embeddings locally and write them to Redis in one pipeline."""
+        ids = served.graph.nodes[served.graph.spec.seed_type].ids
+        assert ids is not None
+        served.cache.remember(ids.numpy()[rows].tolist(), embs)
+
     def loaded(self) -> tuple[Served, HeadSet]:
         if self.served is None or self.heads is None:
             raise NotReadyError(f"model not loaded: {self.reason}")
@@ -286,8 +298,7 @@ class Runtime:
             if miss:
                 fresh = await served.batcher.embed(rows[miss])
                 for k, e in zip(miss, fresh, strict=True):
-                    cached[k] = e
-                served.cache.remember([need[k] for k in miss], fresh)
+                    cached[k] = e  # the batcher writes them back to the cache, once per encoder pass
             t2 = time.perf_counter()
             outputs = heads.run(torch.from_numpy(np.stack(cached)))  # type: ignore[arg-type]
             for cid, frag in zip(need, self._fragments(need, heads, outputs), strict=True):

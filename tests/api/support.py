@@ -58,9 +58,7 @@ def scrape(client: TestClient) -> dict[str, list[tuple[str, dict[str, str], floa
     }
 
 
-def sample(
-    families: dict[str, list[tuple[str, dict[str, str], float]]], name: str, **labels: str
-) -> float:
+def sample(families: dict[str, list[tuple[str, dict[str, str], float]]], name: str, **labels: str) -> float:
     """The value of the one sample called ``name`` whose labels include ``labels``."""
     family = name
     for suffix in ("_total", "_bucket", "_count", "_sum", "_created"):

@@ -10,7 +10,6 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from service.config import Settings
 from tests.api.support import (
     assert_same_predictions,
     drain_writes,
@@ -217,9 +216,3 @@ def test_predict_with_float16_cache_hits_within_half_precision(
     key = redis_client.keys("onepass:emb:*")[0]
     assert len(redis_client.get(key) or b"") == served_of(client).model.config.hidden * 2
     assert_same_predictions(hit["predictions"], miss["predictions"], tol=1e-2)
-
-
-def test_settings_fixture_is_isolated_per_test(settings: Settings, redis_client: redis.Redis) -> None:
-    # The shared redis-server is flushed before each test, so counts in other tests start from zero.
-    assert redis_client.dbsize() == 0
-    assert settings.redis_url is not None
