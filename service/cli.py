@@ -223,6 +223,7 @@ def evaluate(
     methods: Annotated[str, typer.Option(help="loss balancers to compare")] = "fixed,equal,uncertainty,gradnorm",
     epochs: Annotated[int, typer.Option(min=1)] = 15,
     hidden: Annotated[int, typer.Option(min=4)] = 32,
+    max_train_seeds: Annotated[int, typer.Option(help="training customers per cutoff (subsampled; 0 = all)")] = 10_000,
     out: Annotated[Path, typer.Option(help="folder for evaluation.md / evaluation.json")] = Path("docs"),
     device: Annotated[str, typer.Option(help="auto | cuda | cpu")] = "auto",
 ) -> None:
@@ -240,7 +241,7 @@ def evaluate(
         raise _fail(f"--datasets: unknown {unknown}; choose from {list(sources)}")
     command = "onepass evaluate " + " ".join(sys.argv[2:])
     run_evaluation(
-        {d: sources[d] for d in chosen}, default_base(epochs, hidden, device),
+        {d: sources[d] for d in chosen}, default_base(epochs, hidden, device, max_train_seeds or None),
         [int(x) for x in seeds.split(",")], [m.strip() for m in methods.split(",")], out, command.strip(),
         lambda msg: console.print(msg),
     )  # fmt: skip

@@ -193,7 +193,9 @@ class HeteroLayer(nn.Module):
         for et in self.edge_types:
             ei = edge_index.get(et)
             src_t, _, dst_t = et
-            if ei is None or ei.shape[1] == 0 or n_out[dst_t] == 0:
+            # Run the conv even with zero edges in this pass: a node's output must not depend on
+            # whether other nodes in the batch have neighbours (the root/self term still applies).
+            if ei is None or n_out[dst_t] == 0:
                 continue
             x_dst = x[dst_t][: n_out[dst_t]]
             msg = self.convs[_key(et)]((x[src_t], x_dst), ei)

@@ -153,5 +153,10 @@ def evaluate(
     return report
 
 
-def default_base(epochs: int, hidden: int, device: str) -> TrainConfig:
-    return TrainConfig(encoder=EncoderConfig(hidden=hidden, fanouts=(20, 10)), epochs=epochs, device=device)
+def default_base(epochs: int, hidden: int, device: str, max_train_seeds: int | None = None) -> TrainConfig:
+    return TrainConfig(
+        encoder=EncoderConfig(hidden=hidden, fanouts=(20, 10)),
+        epochs=epochs,
+        device=device,
+        max_train_seeds=max_train_seeds,
+    )

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import torch
 from fastapi.testclient import TestClient
 
@@ -121,12 +120,6 @@ def cold_start_ids(client: TestClient, ids: list[int]) -> list[int]:
     ]  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="HeteroLayer (service/model/encoder.py) skips an edge type with no edges in the whole pass, so a "
-    "customer without transactions keeps its raw input when encoded alone but gets the conv's root term, "
-    "ReLU, residual and LayerNorm when another customer in the pass has transactions",
-)
 def test_coalesced_answers_equal_the_answers_of_solo_requests(
     model_store: Path, redis_url: str, client_factory: Callable[..., TestClient]
 ) -> None:

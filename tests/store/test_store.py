@@ -56,7 +56,7 @@ def test_load_refuses_wrong_shapes_even_with_matching_hash(store_copy):
     manifest["files"]["heads/churn.safetensors"] = hashlib.sha256(bad).hexdigest()
     (vdir / "manifest.json").write_text(json.dumps(manifest))
     loaded = ModelStore(store_copy).load("tiny")  # hashes match now ...
-    with pytest.raises(ModelStoreError, match="net.0.weight"):  # ... but the shapes do not
+    with pytest.raises(ModelStoreError, match=r"tensor 'net\.0\.(weight|bias)' is torch.float32 \(3"):  # ... but shapes
         loaded.heads["churn"].build(loaded.config.hidden)
 
 
