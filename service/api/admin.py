@@ -75,7 +75,7 @@ class SwapBody(BaseModel):
     propagated: bool = Field(description="the shared record (other replicas) was updated")
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     """Bearer-token check; refused attempts are audited (without the presented token)."""
     token: str = request.app.state.admin_token
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
@@ -85,7 +85,7 @@ def require_admin(request: Request) -> None:
         raise Unauthorized("missing or invalid admin token (Authorization: Bearer <token>)")
 
 
-def get_manager(request: Request) -> HeadManager:
+async def get_manager(request: Request) -> HeadManager:
     mgr: HeadManager = request.app.state.head_manager
     return mgr
 
