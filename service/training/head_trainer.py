@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from service.data.labels import eligible_customers
+from service.data.labels import make_labels
 from service.data.schema import Database
 from service.data.sources import load_source
 from service.graph.sampler import sample
@@ -66,29 +66,22 @@ class HeadLabels:
     source: str
 
 
-def _demo_window_labels(db: Database) -> tuple[np.ndarray, np.ndarray, np.ndarray, pd.Timestamp]:
-    """Eligible customer ids at T = last transaction - 30 days, purchase counts and dollars in (T, T+30d]."""
+def _demo_window_labels(db: Database) -> tuple[np.ndarray, pd.DataFrame, pd.Timestamp]:
+    """The temporal labels of :func:`make_labels` at T = last transaction - 30 days, over (T, T + 30 days]."""
     cutoff = db.max_time - DEMO_WINDOW
-    ids = eligible_customers(db, cutoff)
-    tx = db.transactions
-    ts = tx["timestamp"]
-    in_window = ((ts > cutoff) & (ts <= cutoff + DEMO_WINDOW)).to_numpy()
-    row = pd.Index(ids).get_indexer(tx["customer_id"].to_numpy()[in_window])
-    known = row >= 0
-    purchases = np.bincount(row[known], minlength=len(ids))
-    spend = np.bincount(row[known], weights=tx["amount"].to_numpy()[in_window][known], minlength=len(ids))
-    return ids, purchases, spend, cutoff
+    labels = make_labels(db, cutoff, DEMO_WINDOW)
+    return labels["customer_id"].to_numpy(dtype=np.int64), labels, cutoff
 
 
 def _active_30d(db: Database) -> HeadLabels:
-    ids, purchases, _, cutoff = _demo_window_labels(db)
-    target = torch.as_tensor((purchases > 0).astype(np.float32))
+    ids, labels, cutoff = _demo_window_labels(db)
+    target = torch.as_tensor(1.0 - labels["churn"].to_numpy(dtype=np.float32))  # active = did not churn
     return HeadLabels(ids, target, "binary", (), int(to_seconds(cutoff)[0]), "demo:active_30d")
 
 
 def _spend_30d(db: Database) -> HeadLabels:
-    ids, _, spend, cutoff = _demo_window_labels(db)
-    target = torch.as_tensor(spend.astype(np.float32))
+    ids, labels, cutoff = _demo_window_labels(db)
+    target = torch.as_tensor(labels["ltv"].to_numpy(dtype=np.float32))
     return HeadLabels(ids, target, "regression", (), int(to_seconds(cutoff)[0]), "demo:spend_30d")
 
 
