@@ -231,6 +231,10 @@ class GraphEncoder(nn.Module):
         )
         self.layers = nn.ModuleList(HeteroLayer(spec.edges, node_types, cfg) for _ in range(cfg.layers))
 
+    def input_encoders(self) -> dict[str, NodeInputEncoder]:
+        """Per node type input encoder (typed view of ``self.inputs``)."""
+        return {t: m for t, m in self.inputs.items() if isinstance(m, NodeInputEncoder)}
+
     @property
     def last_layer(self) -> nn.Module:
         """GradNorm's W: the shared parameters closest to the heads (the seed type's input encoder

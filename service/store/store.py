@@ -244,6 +244,15 @@ class ModelStore:
             "encoder_hash": sha256_bytes(files["encoder.safetensors"])[:16],
             "encoder": {"config": encoder.cfg.to_json(), "num_rows": num_rows, "file": "encoder.safetensors"},
             "graph": encoder.spec.to_json(),
+            # Standardisation statistics of the numeric columns (the encoder's buffers carry the same
+            # values; here for people and tools that read manifests).
+            "feature_stats": {
+                t: {
+                    col: {"mean": float(enc.num_mean[i]), "std": float(enc.num_std[i])}
+                    for i, col in enumerate(encoder.spec.nodes[t].numeric)
+                }
+                for t, enc in encoder.input_encoders().items()
+            },
             "data": data,
             "tasks": tasks,
             "training": training,
