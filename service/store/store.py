@@ -76,7 +76,7 @@ def load_state(module: nn.Module, data: bytes, what: str) -> None:
     extra = sorted(set(state) - set(expected))
     if missing or extra:
         raise ModelStoreError(f"{what}: tensor names differ (missing {missing[:5]}, unexpected {extra[:5]})")
-    for k, v in state.items():
+    for k, v in sorted(state.items()):  # sorted: the first mismatch reported is deterministic
         if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
             raise ModelStoreError(
                 f"{what}: tensor '{k}' is {v.dtype} {tuple(v.shape)}, "
