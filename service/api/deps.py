@@ -13,6 +13,12 @@ from service.config import Settings
 from service.runtime.predictor import Runtime
 
 
+def runtime_of(request: Request) -> Runtime:
+    """The app's runtime, for the hot path that skips dependency injection."""
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
 async def get_runtime(request: Request) -> Runtime:
     rt: Runtime = request.app.state.runtime
     return rt
