@@ -119,6 +119,7 @@ class EmbeddingCache:
         dtype: str = "float32",
         breaker: CircuitBreaker | None = None,
         local_entries: int = 0,
+        on_error: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
         self.namespace = namespace
@@ -128,7 +129,14 @@ class EmbeddingCache:
         self.breaker = breaker or CircuitBreaker(3, 2.0)
         self.local: LocalLRU[int, np.ndarray] = LocalLRU(local_entries)
         self.errors = 0
+        self._on_error = on_error  # e.g. the cache-lookup error counter
         self._pending: set[asyncio.Task[None]] = set()
+
+    def _error(self) -> None:
+        self.errors += 1
+        self.breaker.failure()
+        if self._on_error is not None:
+            self._on_error()
 
     def key(self, customer_id: int) -> str:
         return f"onepass:emb:{self.namespace}:{customer_id}"
@@ -154,8 +162,7 @@ class EmbeddingCache:
             self.breaker.abandon()
             raise
         except (RedisError, OSError, asyncio.TimeoutError) as e:
-            self.errors += 1
-            self.breaker.failure()
+            self._error()
             log.debug("redis mget failed: %r", e)
             return out
         self.breaker.success()
@@ -190,8 +197,7 @@ class EmbeddingCache:
             self.breaker.abandon()
             raise
         except (RedisError, OSError, asyncio.TimeoutError) as e:
-            self.errors += 1
-            self.breaker.failure()
+            self._error()
             log.debug("redis write failed: %s", e)
             return
         self.breaker.success()

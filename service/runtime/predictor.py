@@ -150,6 +150,7 @@ class Runtime:
             dtype=s.cache_dtype,
             breaker=CircuitBreaker(s.breaker_failures, s.breaker_reset_s),
             local_entries=s.local_cache_entries,
+            on_error=self.telemetry.cache_error.inc,
         )
         self.reason = "warming up"
         served = Served(model, graph, encoder, device, cache, None, torch.empty(0), [])  # type: ignore[arg-type]

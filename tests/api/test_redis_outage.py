@@ -52,11 +52,13 @@ def test_redis_outage_degrades_to_computing_then_recovers(
         during.append(client.post("/v1/predict", json={"customer_ids": ids}))
         drain_writes(client)  # the failed background write counts too; wait for it, so the state is settled
     ready_during = client.get("/readyz")
-    breaker_during = sample(scrape(client), "onepass_redis_breaker_state")
+    metrics_during = scrape(client)
+    breaker_during = sample(metrics_during, "onepass_redis_breaker_state")
 
     assert [r.status_code for r in during] == [200] * 4
     assert all(r.json()["cache"] == {"hits": 0, "misses": 3} for r in during)
     assert all(r.json()["predictions"] == baseline["predictions"] for r in during)
+    assert sample(metrics_during, "onepass_cache_lookups_total", result="error") >= 1
     assert ready_during.status_code == 200
     assert (ready_during.json()["ready"], ready_during.json()["degraded"]) == (True, True)
     assert ready_during.json()["redis"] == "unavailable"
