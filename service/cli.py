@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ def _fail(message: str) -> typer.Exit:
 @app.command()
 def serve(
     port: Annotated[int | None, typer.Option(help="public port (ONEPASS_PORT)")] = None,
-    model: Annotated[str | None, typer.Option(help="NAME[/VERSION] (ONEPASS_MODEL_NAME/_VERSION)")] = None,
+    model: Annotated[str | None, typer.Option(help="NAME or NAME/VERSION (ONEPASS_MODEL_NAME/_VERSION)")] = None,
 ) -> None:
     """Serve the model over HTTP (settings from ONEPASS_* environment variables)."""
     from service.config import get_settings
@@ -148,12 +149,23 @@ def train_cmd(
     device: Annotated[str, typer.Option(help="auto | cuda | cpu")] = "auto",
 ) -> None:
     """Train a multi-task (or, with one task, single-task) GNN and save it as a new model version."""
+    from service.errors import OnepassError
+    from service.store.store import check_name
+    from service.training.losses import LOSS_METHODS
+
+    # Refuse bad arguments before loading data and training, not after.
+    try:
+        check_name(name, "--name")
+    except OnepassError as e:
+        raise _fail(str(e)) from e
+    if loss not in LOSS_METHODS:
+        raise _fail(f"--loss must be one of {', '.join(LOSS_METHODS)}, got {loss!r}")
     try:
         _train(
             data=data, customers=customers, data_seed=data_seed, out=out, name=name, tasks=tasks, loss=loss,
             conv=conv, layers=layers, hidden=hidden, epochs=epochs, seed=seed, device=device, quiet=False,
         )  # fmt: skip
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, OnepassError) as e:
         raise _fail(str(e)) from e
 
 
@@ -164,6 +176,8 @@ def models_list(
     """Every model and version with its tasks and test metrics."""
     from service.store.store import ModelStore
 
+    if not store.is_dir():
+        raise _fail(f"--store {store}: no such folder")
     ms = ModelStore(store)
     table = Table("model", "version", "default", "tasks", "conv", "created", "test metrics")
     for name in ms.models():
@@ -197,7 +211,9 @@ def models_show(
 @app.command()
 def predict(
     ids: Annotated[str, typer.Option(help="comma-separated customer ids")],
-    url: Annotated[str, typer.Option(help="server URL")] = "http://localhost:8000",
+    url: Annotated[
+        str | None, typer.Option(help="server URL (default: localhost, port $ONEPASS_PORT or 8000)")
+    ] = None,
     timeout_s: Annotated[float, typer.Option(help="request timeout, seconds")] = 30.0,
 ) -> None:
     """Call a running server's /v1/predict and print the JSON."""
@@ -207,6 +223,7 @@ def predict(
         id_list = [int(x) for x in ids.split(",") if x.strip()]
     except ValueError as e:
         raise _fail(f"--ids: expected comma-separated integers, got {ids!r}") from e
+    url = url or f"http://localhost:{os.environ.get('ONEPASS_PORT', '8000')}"
     try:
         with OnepassClient(url, timeout_s=timeout_s) as client:
             result = client.predict(id_list)
@@ -250,7 +267,7 @@ def evaluate(
 
 @app.command("train-head")
 def train_head_cmd(
-    model: Annotated[str, typer.Option(help="NAME[/VERSION] whose frozen encoder the head is trained on")],
+    model: Annotated[str, typer.Option(help="NAME or NAME/VERSION whose frozen encoder the head is trained on")],
     task: Annotated[str, typer.Option(help="name of the (new or existing) task")],
     labels: Annotated[Path | None, typer.Option(help="CSV or Parquet file of customer_id,label")] = None,
     demo_task: Annotated[str | None, typer.Option(help="built-in label instead of --labels (see docs)")] = None,

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import signal
+import sys
 from typing import Any
 
 import uvicorn
@@ -67,17 +70,25 @@ async def serve_async(settings: Settings) -> None:
         s.siblings = list(servers)
     await runtime.start()
 
+    failed: list[str] = []
+
     async def announce() -> None:
         try:
-            await runtime.wait_ready()
-        except Exception:  # noqa: BLE001 - the reason is on /readyz and in the log already
+            await runtime.wait_ready(timeout_s=None)
+        except Exception:  # noqa: BLE001 - a model that cannot load is fatal: exit, let the supervisor see it
+            failed.append(runtime.reason)
+            log.error("cannot serve: %s; shutting down", runtime.reason)
+            for s in servers:
+                s.should_exit = True
             return
         host = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host
+        # The command as this user can type it: bare `onepass` only when it is on PATH.
+        cli = "onepass" if shutil.which("onepass") else os.path.relpath(sys.argv[0])
         print(  # noqa: T201 - the run command's user-facing hint
             f"\nonepass ready in {runtime.startup_s:.1f} s. Try:\n"
             f"  curl -s {host}:{settings.port}/v1/predict -H 'content-type: application/json' "
             f"-d '{{\"customer_ids\": [1, 2, 3]}}'\n"
-            f"  onepass predict --ids 1,2,3 --url http://{host}:{settings.port}\n",
+            f"  {cli} predict --ids 1,2,3 --url http://{host}:{settings.port}\n",
             flush=True,
         )
 
@@ -87,6 +98,8 @@ async def serve_async(settings: Settings) -> None:
     finally:
         announcer.cancel()
         await runtime.close()
+    if failed:
+        raise SystemExit(f"onepass: model load failed: {failed[0]}")
 
 
 def serve(settings: Settings) -> None:

@@ -10,6 +10,7 @@ future (single-flight). One request's misses are never split across passes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ class _Submission:
     enqueued: float = field(default_factory=time.perf_counter)
 
 
+log = logging.getLogger(__name__)
 EncodeFn = Callable[[np.ndarray], np.ndarray]  # graph rows -> embeddings [n, H] float32
 
 
@@ -129,6 +131,8 @@ class DynamicBatcher:
             try:
                 embs = await loop.run_in_executor(self._executor, self._encode, rows)
                 self.passes += 1
+                if len(embs) != len(rows):
+                    raise RuntimeError(f"encoder returned {len(embs)} embeddings for {len(rows)} rows")
             except Exception as e:  # noqa: BLE001 - the error goes to every waiting request
                 for r in rows.tolist():
                     fut = self._inflight.pop(r, None)
@@ -140,4 +144,7 @@ class DynamicBatcher:
                 if fut is not None and not fut.done():
                     fut.set_result(emb)
             if self._on_batch is not None:
-                self._on_batch(rows, embs)  # e.g. one cache write-back per pass, not one per request
+                try:
+                    self._on_batch(rows, embs)  # e.g. one cache write-back per pass, not one per request
+                except Exception:  # noqa: BLE001 - a failed write-back must not stop the batcher
+                    log.exception("after-batch hook failed; the batcher keeps running")

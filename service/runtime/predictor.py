@@ -95,7 +95,7 @@ class Runtime:
         self.redis = make_redis(self.settings)
         self._load_task = asyncio.get_running_loop().create_task(self._load(), name="onepass-load")
 
-    async def wait_ready(self, timeout_s: float = 300.0) -> None:
+    async def wait_ready(self, timeout_s: float | None = 300.0) -> None:
         assert self._load_task is not None
         await asyncio.wait_for(asyncio.shield(self._load_task), timeout_s)
 

@@ -405,7 +405,13 @@ class HeadManager:
         redis = self._control
         if redis is None:
             return []
-        raw = await redis.hgetall(self.channel())  # type: ignore[misc]
+        # Read the record under the lock: an admin change on this replica between the read and the apply
+        # would otherwise be undone by the (older) record until the next resync.
+        async with self._lock:
+            raw = await redis.hgetall(self.channel())  # type: ignore[misc]
+            return await self._apply_record(raw)
+
+    async def _apply_record(self, raw: dict[Any, Any]) -> list[str]:
         wanted: dict[str, dict[str, str]] = {}
         malformed: set[str] = set()  # present but unreadable: left alone, never taken as a removal
         for k, v in raw.items():
@@ -422,42 +428,45 @@ class HeadManager:
         if not wanted:
             return []
         changed: list[str] = []
-        async with self._lock:
-            served, heads = self.rt.loaded()
-            for task, ref in wanted.items():
-                cur = heads.heads.get(task)
-                if cur is not None and cur.record.sha256 == ref["sha256"]:
-                    continue
-                try:
-                    with AuditEntry("reconcile", task, self.rt.telemetry, _ref(cur), ref, {"replica": self.replica_id}):
-                        record = await asyncio.to_thread(self._load_record, task, ref["version"])
-                        if record.sha256 != ref["sha256"]:
-                            raise ModelStoreError(
-                                f"head '{task}' {ref['version']}: model store sha256 {record.sha256[:12]} differs from "
-                                f"the published {ref['sha256'][:12]}; not swapping"
-                            )
-                        head, _ = await self._verify(task, record, cur, served)
-                        self._install(task, head)
-                except Exception as e:  # noqa: BLE001 - one bad head must not block the others
-                    log.error("reconcile: keeping the local head '%s': %s", task, e)
-                    continue
-                _, heads = self.rt.loaded()
-                changed.append(task)
-            for task in [t for t in heads.heads if t not in wanted and t not in malformed]:
-                if len(self.rt.loaded()[1].heads) == 1:
-                    log.error("reconcile: not removing '%s', the last head", task)
-                    break
-                with AuditEntry("reconcile", task, self.rt.telemetry, _ref(heads.heads[task]), None,
-                                {"replica": self.replica_id}):  # fmt: skip
-                    self._install(task, None)
-                changed.append(task)
+        # The caller (reconcile) holds self._lock.
+        served, heads = self.rt.loaded()
+        for task, ref in wanted.items():
+            cur = heads.heads.get(task)
+            if cur is not None and cur.record.sha256 == ref["sha256"]:
+                continue
+            try:
+                with AuditEntry("reconcile", task, self.rt.telemetry, _ref(cur), ref, {"replica": self.replica_id}):
+                    record = await asyncio.to_thread(self._load_record, task, ref["version"])
+                    if record.sha256 != ref["sha256"]:
+                        raise ModelStoreError(
+                            f"head '{task}' {ref['version']}: model store sha256 {record.sha256[:12]} differs from "
+                            f"the published {ref['sha256'][:12]}; not swapping"
+                        )
+                    head, _ = await self._verify(task, record, cur, served)
+                    self._install(task, head)
+            except Exception as e:  # noqa: BLE001 - one bad head must not block the others
+                log.error("reconcile: keeping the local head '%s': %s", task, e)
+                continue
+            _, heads = self.rt.loaded()
+            changed.append(task)
+        for task in [t for t in heads.heads if t not in wanted and t not in malformed]:
+            if len(self.rt.loaded()[1].heads) == 1:
+                log.error("reconcile: not removing '%s', the last head", task)
+                break
+            with AuditEntry("reconcile", task, self.rt.telemetry, _ref(heads.heads[task]), None,
+                            {"replica": self.replica_id}):  # fmt: skip
+                self._install(task, None)
+            changed.append(task)
         return changed
 
-    async def _restore_record(self) -> None:
-        """Write the shared record back from the local heads when it is missing (evicted or flushed)."""
+    async def _restore_record(self, *, at_start: bool = False) -> None:
+        """Write the shared record from the local heads when it is missing (first replica, eviction, flush)."""
         assert self._control is not None
         if await self._control.eval(_RESTORE_LUA, 1, self.channel(), *self._state()):  # type: ignore[misc]
-            log.warning("shared head record %s was missing; restored it from this replica", self.channel())
+            if at_start:
+                log.info("shared head record %s created from this replica's heads", self.channel())
+            else:
+                log.warning("shared head record %s was missing; restored it from this replica", self.channel())
 
     async def start_listener(self) -> None:
         """Reconcile with the shared record (a late replica comes up with the current heads), then listen."""
@@ -471,6 +480,7 @@ class HeadManager:
         )  # fmt: skip
         try:
             await self.reconcile()
+            await self._restore_record(at_start=True)
         except Exception as e:  # noqa: BLE001 - Redis down at start: serve the manifest heads
             log.warning("head reconcile at start failed: %s", e)
         self._listener = asyncio.get_running_loop().create_task(self._listen(), name="onepass-head-listener")
@@ -478,11 +488,15 @@ class HeadManager:
     async def _listen(self) -> None:
         assert self._control is not None
         loop = asyncio.get_running_loop()
+        failing = False
         while True:
             pubsub = self._control.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel())
                 await self.reconcile()  # changes made while (re)subscribing
+                if failing:
+                    log.info("head listener: resubscribed")
+                failing = False
                 last_sync = loop.time()
                 while True:
                     # A timeout instead of a blocking read: the loop also drives the periodic resync.
@@ -496,7 +510,9 @@ class HeadManager:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - keep listening across Redis outages
-                log.warning("head listener: %s; resubscribing in 1 s", e)
+                # Warn once per outage, not once a second for its whole length.
+                (log.debug if failing else log.warning)("head listener: %s; resubscribing every 1 s", e)
+                failing = True
                 await asyncio.sleep(1.0)
             finally:
                 try:
