@@ -211,9 +211,7 @@ def models_show(
 @app.command()
 def predict(
     ids: Annotated[str, typer.Option(help="comma-separated customer ids")],
-    url: Annotated[
-        str | None, typer.Option(help="server URL (default: localhost, port $ONEPASS_PORT or 8000)")
-    ] = None,
+    url: Annotated[str | None, typer.Option(help="server URL (default: localhost, port $ONEPASS_PORT or 8000)")] = None,
     timeout_s: Annotated[float, typer.Option(help="request timeout, seconds")] = 30.0,
 ) -> None:
     """Call a running server's /v1/predict and print the JSON."""

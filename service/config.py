@@ -21,7 +21,8 @@ _WEAK_TOKENS = {"changeme", "admin", "secret", "token", "password"}
 class Settings(BaseSettings):
     """Every knob of the server and the CLI. Units are in the names (``_s``, ``_ms``, ``_bytes``)."""
 
-    model_config = SettingsConfigDict(env_prefix="ONEPASS_", extra="ignore")
+    # hide_input_in_errors: a rejected admin token must not be echoed into logs by the error message.
+    model_config = SettingsConfigDict(env_prefix="ONEPASS_", extra="ignore", hide_input_in_errors=True)
 
     # Model and graph
     model_store: Path = Field(REPO_ROOT / "model_store", description="model repository folder")

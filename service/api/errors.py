@@ -37,8 +37,14 @@ def _error(e: Any) -> dict[str, str]:
     return {"field": _field(tuple(e["loc"])), "message": e["msg"]}
 
 
-async def _validation(_: Request, exc: Exception) -> Response:
+async def _validation(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if request.method in ("POST", "PUT") and ctype != "application/json":
+        # FastAPI reads a non-JSON body as "not an object"; the real problem is the content type.
+        return error_response(
+            415, "unsupported_media_type", f"content-type: {ctype or 'missing'}; send application/json"
+        )
     errors = [_error(e) for e in exc.errors()]
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
     return error_response(422, "invalid_input", summary, errors)
@@ -52,7 +58,9 @@ async def _domain(_: Request, exc: Exception) -> Response:
 
 async def _http(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
-    return error_response(exc.status_code, "http_error", str(exc.detail))
+    response = error_response(exc.status_code, "http_error", str(exc.detail))
+    response.headers.update(exc.headers or {})  # e.g. Allow on 405
+    return response
 
 
 async def _unhandled(request: Request, exc: Exception) -> Response:

@@ -78,10 +78,10 @@ SEGMENTS_SCHEMA = TableSchema(
     "static segment labels, known for some customers only",
 )
 
-# datetime64[ns] spans 1677-09-21..2262-04-11; a time outside cannot be stored, so it is a data error
-# rather than a silent overflow.
-_TIME_MIN = pd.Timestamp("1677-09-22")
-_TIME_MAX = pd.Timestamp("2262-04-10")
+# The graph stores times as unsigned 32-bit seconds since 1970 (service.graph.temporal), so a time
+# outside 1970-01-01..2106-02-07 cannot be used; say so at load time, naming file, column and row.
+_TIME_MIN = pd.Timestamp("1970-01-01")
+_TIME_MAX = pd.Timestamp("2106-02-07")
 
 BoolArray = npt.NDArray[np.bool_]
 
@@ -497,7 +497,7 @@ def _to_datetime_ns(s: pd.Series, source: str, name: str) -> pd.Series:
         _fail_where(t.isna().to_numpy(), s, source, name, lambda v: f"expected an ISO 8601 date/time, got {v}")
         t = t.dt.tz_localize(None)
     out = ((t < _TIME_MIN) | (t > _TIME_MAX)).to_numpy()
-    _fail_where(out, s, source, name, lambda v: f"time outside 1677-09-22..2262-04-10, got {v}")
+    _fail_where(out, s, source, name, lambda v: f"time outside 1970-01-01..2106-02-07, got {v}")
     return t.astype("datetime64[ns]")
 
 

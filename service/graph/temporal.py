@@ -30,12 +30,22 @@ TIME_BITS = 32
 NO_TIME = 0  # rows without a time column are visible at every cutoff
 
 
-def to_seconds(ts: pd.Timestamp | pd.Series | np.ndarray) -> np.ndarray:
-    """Timestamps to int64 seconds since :data:`EPOCH` (the graph's time unit)."""
+def to_seconds(ts: pd.Timestamp | pd.Series | np.ndarray, what: str = "timestamps") -> np.ndarray:
+    """Timestamps to int64 seconds since :data:`EPOCH` (the graph's time unit).
+
+    Args:
+        ts: one timestamp or a column of them.
+        what: how to name the values in an error, e.g. ``"customers: column 'signup_time'"``.
+    """
     values = pd.to_datetime(pd.Series(np.atleast_1d(ts))).to_numpy(dtype="datetime64[s]")
     out: np.ndarray = values.astype(np.int64)
-    if (out < 0).any() or (out >= 1 << TIME_BITS).any():
-        raise ValueError("timestamps must lie between 1970 and 2106")
+    bad = np.flatnonzero((out < 0) | (out >= 1 << TIME_BITS))
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(
+            f"{what}, row {row + 1}: {values[row]} is outside the supported range 1970-01-01 to 2106-02-07 "
+            f"({bad.size} such rows)"
+        )
     return out
 
 
@@ -235,7 +245,11 @@ def build_graph(db: Database, spec: GraphSpec | None = None) -> TemporalGraph:
             if fspec.categorical
             else np.zeros((n, 0), dtype=np.int64)
         )
-        times = to_seconds(df[fspec.time]) if fspec.time else np.full(n, NO_TIME, dtype=np.int64)
+        times = (
+            to_seconds(df[fspec.time], f"{name}: column '{fspec.time}'")
+            if fspec.time
+            else np.full(n, NO_TIME, dtype=np.int64)
+        )
         ids = df[fspec.primary_key].to_numpy(dtype=np.int64) if fspec.primary_key else None
         nodes[name] = NodeStore(
             num_nodes=n,

@@ -32,7 +32,7 @@ import torch
 
 from service.errors import ConflictError, InvalidInputError, ModelStoreError, NotFoundError, OnepassError
 from service.runtime.heads import ActiveHead, HeadSet, activate
-from service.store.store import HeadRecord, check_name, sha256_bytes
+from service.store.store import HeadRecord, check_name, safetensors_metadata, sha256_bytes
 
 if TYPE_CHECKING:
     from service.runtime.predictor import Runtime, Served
@@ -281,7 +281,10 @@ class HeadManager:
             served = self.served
             current = self._current(task)
             entry.old = _ref(current)
-            record = HeadRecord(current.spec, "upload", upload_sha, data, served.model.encoder_hash)
+            # Heads written by onepass name their encoder in the file's metadata; a file without it is
+            # taken as meant for the served encoder and must pass the shape and golden checks.
+            trained_on = safetensors_metadata(data).get("trained_on", served.model.encoder_hash)
+            record = HeadRecord(current.spec, "upload", upload_sha, data, trained_on)
             head, drift = await self._verify(task, record, current, served)
             stored = await asyncio.to_thread(self._persist_upload, head, upload_sha)
             head = ActiveHead(stored, head.module)

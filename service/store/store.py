@@ -65,6 +65,22 @@ def module_bytes(module: nn.Module, metadata: dict[str, str] | None = None) -> b
     return st_save(state, metadata=metadata)
 
 
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes (8-byte little-endian header length, then JSON);
+    empty when absent or unreadable (``load_state`` reports a malformed file)."""
+    if len(data) < 8:
+        return {}
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or 8 + n > len(data) or n > 100 * 2**20:
+        return {}
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except ValueError:
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
 def load_state(module: nn.Module, data: bytes, what: str) -> None:
     """Load safetensors bytes into ``module``, requiring the exact tensor names, shapes and dtypes."""
     try:
@@ -231,17 +247,19 @@ class ModelStore:
         version = self.next_version(name)
         vdir = self.root / name / version
         files: dict[str, bytes] = {"encoder.safetensors": module_bytes(encoder)}
+        encoder_hash = sha256_bytes(files["encoder.safetensors"])[:16]
         tasks: dict[str, Any] = {}
         for task, head in heads.items():
             rel = f"heads/{check_name(task, 'task')}.safetensors"
-            files[rel] = module_bytes(head, {"task": task, "version": "v1"})
+            # The head file says which encoder it belongs to, so an upload can be checked against it.
+            files[rel] = module_bytes(head, {"task": task, "version": "v1", "trained_on": encoder_hash})
             tasks[task] = {"head": head.spec.to_json(), "file": rel, "version": "v1"}
         manifest = {
             "format_version": FORMAT_VERSION,
             "name": name,
             "version": version,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "encoder_hash": sha256_bytes(files["encoder.safetensors"])[:16],
+            "encoder_hash": encoder_hash,
             "encoder": {"config": encoder.cfg.to_json(), "num_rows": num_rows, "file": "encoder.safetensors"},
             "graph": encoder.spec.to_json(),
             # Standardisation statistics of the numeric columns (the encoder's buffers carry the same
@@ -290,7 +308,7 @@ class ModelStore:
         nums = [int(v[1:]) for v in self.head_versions(name, version, task) if re.fullmatch(r"v\d+", v)]
         base = 1 if task in self.manifest(name, version)["tasks"] else 0
         hv = f"v{max(nums, default=base) + 1}"
-        data = module_bytes(head, {"task": task, "version": hv})
+        data = module_bytes(head, {"task": task, "version": hv, "trained_on": trained_on})
         meta = {
             "task": task,
             "version": hv,

@@ -84,6 +84,12 @@ BAD_UPLOADS: dict[str, tuple[Callable[[TaskHead], bytes], int, str]] = {
     "nan": (_nan, 422, "tensor 'net.2.bias' has NaN or infinite values"),
     "inf": (_inf, 422, "tensor 'net.0.weight' has NaN or infinite values"),
     "golden-non-finite": (_golden_overflow, 422, "golden check produced non-finite outputs"),
+    # Right shapes, but the file says it was trained on another encoder.
+    "other-encoder": (
+        lambda h: st_save({k: v.contiguous() for k, v in h.state_dict().items()}, {"trained_on": "0123456789abcdef"}),
+        422,
+        "was trained on encoder 0123456789abcdef",
+    ),
 }
 
 

@@ -216,3 +216,19 @@ def test_predict_with_float16_cache_hits_within_half_precision(
     key = redis_client.keys("onepass:emb:*")[0]
     assert len(redis_client.get(key) or b"") == served_of(client).model.config.hidden * 2
     assert_same_predictions(hit["predictions"], miss["predictions"], tol=1e-2)
+
+
+def test_predict_with_a_non_json_content_type_returns_415(client: TestClient) -> None:
+    r = client.post("/v1/predict", content=b"customer_ids=1", headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    assert r.json() == {
+        "error": "unsupported_media_type",
+        "message": "content-type: text/plain; send application/json",
+        "details": None,
+    }
+
+
+def test_method_not_allowed_keeps_the_allow_header(client: TestClient) -> None:
+    r = client.get("/v1/predict")
+    assert r.status_code == 405
+    assert r.headers["allow"] == "POST"

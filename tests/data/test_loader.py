@@ -300,3 +300,12 @@ def test_load_refuses_unknown_segment_rule(tmp_path: Path) -> None:
 
 def test_data_error_is_a_value_error() -> None:
     assert issubclass(DataError, ValueError)
+
+
+def test_load_refuses_a_time_the_graph_cannot_store_naming_file_column_and_row(tmp_path: Path) -> None:
+    save_database(generate(30, seed=0), tmp_path, fmt="csv")
+    customers = pd.read_csv(tmp_path / "customers.csv")
+    customers.loc[1, "signup_time"] = "1960-01-01 00:00:00"
+    customers.to_csv(tmp_path / "customers.csv", index=False)
+    with pytest.raises(DataError, match=r"customers.csv: column 'signup_time', row 2: time outside 1970-01-01"):
+        load_database(tmp_path)

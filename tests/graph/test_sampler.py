@@ -122,3 +122,10 @@ def test_lookup_maps_primary_keys_to_rows_and_unknown_to_minus_one():
     graph = build_graph(db)
     rows = graph.lookup("customers", torch.tensor([3, 10, 4, 10_000]))
     assert rows.tolist() == [0, 1, -1, -1]
+
+
+def test_build_graph_names_table_column_and_row_of_a_timestamp_before_1970():
+    db = tiny_db()
+    db.customers.loc[3, "signup_time"] = pd.Timestamp("1960-05-01")
+    with pytest.raises(ValueError, match=r"customers: column 'signup_time', row \d+: 1960-05-01"):
+        build_graph(db)
