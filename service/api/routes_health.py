@@ -26,6 +26,7 @@ async def readyz(runtime: RuntimeDep) -> Response:
     Redis being down keeps 200 with `degraded: true`: a shared dependency must not take every
     replica out of the Service at once.
     """
+    await runtime.probe_dependencies()
     body = runtime.health()
     return Response(orjson.dumps(body), status_code=200 if body["ready"] else 503, media_type="application/json")
 

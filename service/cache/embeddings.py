@@ -150,6 +150,21 @@ class EmbeddingCache:
             return None  # written by another dtype or dimension: treat as a miss
         return np.frombuffer(raw, dtype=self.dtype).astype(np.float32)
 
+    async def probe(self) -> None:
+        """One PING through the breaker, so readiness reflects Redis even when no request has hit it."""
+        if self.client is None or not self.breaker.allow():
+            return
+        try:
+            await self.client.ping()  # type: ignore[misc]
+        except asyncio.CancelledError:
+            self.breaker.abandon()
+            raise
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            self._error()
+            log.debug("redis ping failed: %r", e)
+            return
+        self.breaker.success()
+
     async def get_many(self, ids: Sequence[int]) -> list[np.ndarray | None]:
         """Embeddings for ``ids`` (None = miss): local LRU first, then one Redis MGET for the rest."""
         out: list[np.ndarray | None] = [self.local.get(i) for i in ids]

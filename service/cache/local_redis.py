@@ -35,8 +35,14 @@ class LocalRedis:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Own session: Ctrl-C in the terminal reaches onepass only, which drains and then stops Redis.
+            start_new_session=True,
         )  # fmt: skip
-        self._wait()
+        try:
+            self._wait()
+        except BaseException:
+            self.stop()  # no orphan redis-server or temp folder when it never came up
+            raise
 
     @property
     def url(self) -> str:

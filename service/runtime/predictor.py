@@ -186,6 +186,11 @@ class Runtime:
     def ready(self) -> bool:
         return self.state == "ready"
 
+    async def probe_dependencies(self) -> None:
+        """Check Redis now (one PING through the breaker) before a readiness answer."""
+        if self.served is not None:
+            await self.served.cache.probe()
+
     def health(self) -> dict[str, Any]:
         """Readiness body: ready flag, reason, and 'degraded' when the Redis cache is unavailable."""
         served = self.served

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.cache.local_redis import LocalRedis
+from service.cache.local_redis import LocalRedis, free_port
 from tests.api.support import drain_writes, predict, sample, scrape, served_of
 from tests.helpers import make_settings
 
@@ -101,3 +101,13 @@ def test_redis_outage_opens_the_breaker_and_stops_calling_redis(
     assert ready.json()["degraded"] is True
     assert ready.json()["redis"] == "unavailable"
     assert sample(m, "onepass_redis_breaker_state") == 2
+
+
+def test_readiness_reports_redis_down_without_any_prediction_traffic(
+    model_store: Path, client_factory: Callable[..., TestClient]
+) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    client = client_factory(make_settings(model_store, dead, breaker_failures=2, breaker_reset_s=60))
+    bodies = [client.get("/readyz").json() for _ in range(3)]  # each readiness check pings Redis once
+    assert all(b["ready"] for b in bodies)
+    assert bodies[-1]["degraded"] is True and bodies[-1]["redis"] == "unavailable"
