@@ -49,6 +49,7 @@ class Settings(BaseSettings):
 
     # Requests and batching
     max_ids_per_request: int = Field(1024, ge=1, le=100_000)
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="public API request body limit (413 above it)")
     batch_max_size: int = Field(512, ge=1, description="max seed customers in one encoder pass")
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000)
     batching: bool = True

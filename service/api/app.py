@@ -11,7 +11,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import HTMLResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import register_error_handlers
+from service.api.errors import error_response, register_error_handlers
 from service.config import Settings
 from service.runtime.predictor import Runtime
 from service.runtime.telemetry import Telemetry
@@ -63,7 +63,34 @@ class MetricsMiddleware:
             children[1].inc()
 
 
-def _base_app(title: str, settings: Settings, runtime: Runtime, owns_runtime: bool) -> FastAPI:
+class ContentLengthLimit:
+    """413 for a request whose Content-Length is over the limit, before the body is read.
+
+    A header check only: Starlette's body-limit middleware (which also counts chunked bodies) added ~7 µs
+    to every cache hit, an eighth of the request; uvicorn and any proxy in front bound chunked bodies.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"content-length":
+                    if value.isdigit() and int(value) > self.max_bytes:
+                        response = error_response(
+                            413, "payload_too_large", f"body: {int(value)} bytes, the limit is {self.max_bytes} bytes"
+                        )
+                        await response(scope, receive, send)
+                        return
+                    break
+        await self.app(scope, receive, send)
+
+
+def _base_app(
+    title: str, settings: Settings, runtime: Runtime, owns_runtime: bool, max_body_size: int | None = None
+) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if owns_runtime:
@@ -78,6 +105,8 @@ def _base_app(title: str, settings: Settings, runtime: Runtime, owns_runtime: bo
     app.state.runtime = runtime
     app.state.settings = settings
     register_error_handlers(app)
+    if max_body_size is not None:
+        app.add_middleware(ContentLengthLimit, max_bytes=max_body_size)
     app.add_middleware(MetricsMiddleware, telemetry=runtime.telemetry)
 
     @app.get("/docs", include_in_schema=False)
@@ -94,7 +123,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     """
     from service.api import routes_health, routes_predict
 
-    app = _base_app("onepass", settings, runtime or Runtime(settings), owns_runtime=runtime is None)
+    app = _base_app(
+        "onepass", settings, runtime or Runtime(settings), owns_runtime=runtime is None,
+        max_body_size=settings.max_body_bytes,
+    )  # fmt: skip
     for router in (routes_predict.router, routes_health.router):
         mount_flat(app, router)
     return app

@@ -232,3 +232,18 @@ def test_method_not_allowed_keeps_the_allow_header(client: TestClient) -> None:
     r = client.get("/v1/predict")
     assert r.status_code == 405
     assert r.headers["allow"] == "POST"
+
+
+def test_predict_body_over_the_size_limit_returns_413(
+    model_store: Path, redis_url: str, client_factory: Callable[..., TestClient]
+) -> None:
+    client = client_factory(make_settings(model_store, redis_url, max_body_bytes=2048))
+    body = b'{"customer_ids": [' + b",".join([b"123456789"] * 400) + b"]}"
+    r = client.post("/v1/predict", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert r.json() == {
+        "error": "payload_too_large",
+        "message": f"body: {len(body)} bytes, the limit is 2048 bytes",
+        "details": None,
+    }
+    assert client.post("/v1/predict", json={"customer_ids": [1]}).status_code == 200
