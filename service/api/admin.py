@@ -68,7 +68,7 @@ class SwapBody(BaseModel):
     """What every head change returns."""
 
     task: str
-    action: str = Field(description="swap | rollback | add | remove")
+    action: str = Field(description="swap | unchanged | rollback | add | remove")
     old: dict[str, str] | None = Field(description="version and sha256 of the head served before")
     new: dict[str, str] | None = Field(description="version and sha256 of the head served now")
     drift: dict[str, float] | None = Field(description="golden-set difference from the previous head")

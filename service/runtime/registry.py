@@ -314,6 +314,10 @@ class HeadManager:
             entry.old = _ref(current)
             record = await asyncio.to_thread(self._load_record, task, version)
             entry.new = {"version": record.version, "sha256": record.sha256}
+            if record.sha256 == current.record.sha256:
+                # PUT is idempotent: the head already serves; no swap, no rollback entry, no propagation.
+                same = _ref(current)
+                return SwapReport(task, "unchanged", same, same, {"mean_abs": 0.0, "max_abs": 0.0}, True)
             head, drift = await self._verify(task, record, current, served)
             return await self._commit(task, head, "swap", drift, keep_previous=True)
 

@@ -185,3 +185,10 @@ def test_swap_to_own_version_reports_zero_drift(apps: Apps, task: str) -> None:
     r = apps.admin.put(f"/admin/v1/heads/{task}", json={"version": "v1"}, headers=AUTH)
     assert r.status_code == 200, r.text
     assert r.json()["drift"]["max_abs"] == 0.0
+
+
+def test_swap_to_the_served_version_is_a_no_op(apps: Apps) -> None:
+    r = apps.admin.put("/admin/v1/heads/churn", json={"version": "v1"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["action"] == "unchanged" and r.json()["old"] == r.json()["new"]
+    assert apps.model()["heads"]["churn"]["previous"] == []  # nothing to roll back to
