@@ -16,7 +16,7 @@ import enum
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -25,6 +25,7 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 K = TypeVar("K")
+T = TypeVar("T")
 V = TypeVar("V")
 
 
@@ -150,37 +151,37 @@ class EmbeddingCache:
             return None  # written by another dtype or dimension: treat as a miss
         return np.frombuffer(raw, dtype=self.dtype).astype(np.float32)
 
-    async def probe(self) -> None:
-        """One PING through the breaker, so readiness reflects Redis even when no request has hit it."""
+    async def _call(self, what: str, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> tuple[bool, T | None]:
+        """Run one Redis call through the breaker: ``(True, result)``, or ``(False, None)`` when the breaker
+        skipped it or it failed (counted, never raised: Redis trouble only costs the cache)."""
         if self.client is None or not self.breaker.allow():
-            return
+            return False, None
         try:
-            await self.client.ping()  # type: ignore[misc]
+            result = await fn(self.client)
         except asyncio.CancelledError:
-            self.breaker.abandon()
+            self.breaker.abandon()  # free a half-open probe slot the cancelled call held
             raise
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             self._error()
-            log.debug("redis ping failed: %r", e)
-            return
+            log.debug("redis %s failed: %r", what, e)
+            return False, None
         self.breaker.success()
+        return True, result
+
+    async def probe(self) -> None:
+        """One PING through the breaker, so readiness reflects Redis even when no request has hit it."""
+        await self._call("ping", lambda c: c.ping())  # type: ignore[no-any-return]
 
     async def get_many(self, ids: Sequence[int]) -> list[np.ndarray | None]:
         """Embeddings for ``ids`` (None = miss): local LRU first, then one Redis MGET for the rest."""
         out: list[np.ndarray | None] = [self.local.get(i) for i in ids]
         missing = [k for k, v in enumerate(out) if v is None]
-        if not missing or self.client is None or not self.breaker.allow():
+        if not missing:
             return out
-        try:
-            raws = await self.client.mget([self.key(ids[k]) for k in missing])
-        except asyncio.CancelledError:
-            self.breaker.abandon()
-            raise
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
-            self._error()
-            log.debug("redis mget failed: %r", e)
+        keys = [self.key(ids[k]) for k in missing]
+        ok, raws = await self._call("mget", lambda c: c.mget(keys))
+        if not ok or raws is None:
             return out
-        self.breaker.success()
         for k, raw in zip(missing, raws, strict=True):
             if isinstance(raw, bytes):
                 emb = self._decode(raw)
@@ -200,22 +201,15 @@ class EmbeddingCache:
         task.add_done_callback(self._pending.discard)
 
     async def _write(self, ids: list[int], embs: np.ndarray) -> None:
-        if self.client is None or not self.breaker.allow():
-            return
         data = np.ascontiguousarray(embs, dtype=self.dtype)
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
+
+        async def pipeline(client: aioredis.Redis) -> None:
+            async with client.pipeline(transaction=False) as pipe:
                 for i, row in zip(ids, data, strict=True):
                     pipe.set(self.key(i), row.tobytes(), ex=self.ttl_s)
                 await pipe.execute()
-        except asyncio.CancelledError:
-            self.breaker.abandon()
-            raise
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
-            self._error()
-            log.debug("redis write failed: %s", e)
-            return
-        self.breaker.success()
+
+        await self._call("write", pipeline)
 
     async def drain(self) -> None:
         """Wait for background writes (tests, shutdown)."""

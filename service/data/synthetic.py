@@ -155,10 +155,6 @@ class SyntheticTruth:
     lifetime_end: npt.NDArray[np.datetime64]
     product_cluster: IntArray
 
-    @property
-    def persona_names(self) -> tuple[str, ...]:
-        return PERSONAS
-
 
 def default_num_products(customers: int) -> int:
     """The default product count: one per 50 customers, at least 200 and at most 20,000."""
